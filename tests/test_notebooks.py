@@ -1,0 +1,45 @@
+"""Run every notebook in notebooks/ with papermill in smoke mode (SMOKE=True, offline) and check what it wrote.
+
+New notebooks are picked up automatically. Each declares in its metadata the artefacts it must write under
+its output folder and a timeout: "slm_course": {"artefacts": [...], "timeout": seconds}.
+Executed copies land in build/smoke/<stem>/ for inspection. They run in order (05 reads 04's adapter).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from run_notebooks import notebooks, run_notebook  # noqa: E402
+
+SMOKE_OUT = ROOT / "build" / "smoke"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+FAKE_TOKEN = "hf_smokeTestSecretThatMustNeverBePrinted"  # offline, so it is never sent anywhere
+
+
+def test_there_are_notebooks():
+    assert notebooks(), "no notebooks found in notebooks/"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
+def test_notebook_smoke(path):
+    meta = json.loads(path.read_text())["metadata"]["slm_course"]
+    res = run_notebook(path, SMOKE_OUT, ["-p", "SMOKE", "True"], timeout=meta["timeout"], env_extra={**OFFLINE, "HF_TOKEN": FAKE_TOKEN})
+    assert res.status == "ok", f"{path.name} {res.status} after {res.seconds:.0f} s:\n{res.detail}"
+    nb = nbformat.read(res.output, as_version=4)
+    checks = [c for c in nb.cells if "checks" in c.metadata.get("tags", [])]
+    assert len(checks) == 1 and checks[0].execution_count is not None, "the Checks cell did not run"
+    assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    out_dir = SMOKE_OUT / path.stem
+    missing = [a for a in meta["artefacts"] if not (out_dir / a).exists()]
+    assert not missing, f"{path.name} did not write {missing} under {out_dir}"
+    for name in meta["artefacts"]:
+        if name.endswith(".json"):
+            json.loads((out_dir / name).read_text())  # valid JSON
+        assert (out_dir / name).stat().st_size > 0
+    assert FAKE_TOKEN not in res.output.read_text(), "the HF_TOKEN value leaked into the notebook's outputs"
