@@ -1,0 +1,220 @@
+"""Architecture from real configs: shipped config.json files, meta-device skeletons, parameters by role, memory.
+
+The configs in `data/configs/` are copies of the models' `config.json` on the Hugging Face hub (provenance in
+`data/configs/README.md`). A skeleton built on the meta device has every parameter's shape but no storage, so
+counting the parameters of Llama-2-70B takes milliseconds and no memory. Storage arithmetic (bits per weight of
+each format) lives in `helpers.quant`; this module only applies it to parameter counts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from helpers import env, quant
+
+CONFIG_DIR = env.DATA_DIR / "configs"
+
+# course name -> hub repository whose config.json the file in data/configs/ copies
+HUB_IDS = {
+    "phi-1": "microsoft/phi-1",
+    "phi-1.5": "microsoft/phi-1_5",
+    "phi-2": "microsoft/phi-2",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+}
+
+# len(tokenizer) of the hub tokenizers (checked facts, see data/configs/README.md); the embedding has more rows
+TOKENIZER_LENGTH = {"phi-1.5": 50295, "phi-2": 50295}
+
+# The precisions the course compares: label -> (format for helpers.quant, double quantization)
+PRECISIONS = {
+    "fp32": ("fp32", False),
+    "bf16": ("bf16", False),
+    "int8": ("int8", False),
+    "nf4": ("nf4", False),
+    "nf4+dq": ("nf4", True),
+}
+
+# Nominal memory of common GPUs, GiB (vendor data sheets; usable memory is slightly less)
+GPU_MEMORY_GIB = {"T4 16 GB": 16, "L4 24 GB": 24, "A100 40 GB": 40, "A100 80 GB": 80}
+
+# Which leaf names belong to attention and to the MLP, for the coarse grouping only (Phi, Llama/Mistral names)
+ATTENTION_ROLES = ("q_proj", "k_proj", "v_proj", "dense", "o_proj", "qkv_proj", "Wqkv", "out_proj")
+MLP_ROLES = ("fc1", "fc2", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
+
+
+def config_names() -> list[str]:
+    """Names of the configs shipped in data/configs/ (file stems), e.g. 'phi-2'."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def _config_path(name: str) -> Path:
+    """The shipped JSON for a course name ('phi-1.5') or hub id ('microsoft/phi-1_5')."""
+    by_hub = {hub.lower(): short for short, hub in HUB_IDS.items()}
+    short = by_hub.get(name.lower(), name.lower())
+    path = CONFIG_DIR / f"{short}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped config {name!r}; available: {', '.join(config_names())}")
+    return path
+
+
+def load_config_dict(name: str) -> dict:
+    """The raw config.json of a shipped model as a dict (exactly the file's contents)."""
+    return json.loads(_config_path(name).read_text())
+
+
+def load_config(name: str):
+    """A transformers config (PhiConfig, LlamaConfig, MistralConfig, …) from the shipped JSON; no download.
+
+    `auto_map` (old remote-code entry points) is dropped: the course builds the native transformers class.
+    """
+    from transformers import AutoConfig
+
+    raw = load_config_dict(name)
+    raw.pop("auto_map", None)
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def meta_model(config):
+    """A causal-LM skeleton of `config` on the meta device: every parameter shape, no storage, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _role(module, name: str, head) -> str | None:
+    """The role of a module that owns parameters directly: embedding, head, norm or the Linear's leaf name."""
+    from torch import nn
+
+    if module is head:
+        return "head"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if "norm" in type(module).__name__.lower():
+        return "norm"
+    if isinstance(module, nn.Linear):
+        return name.rsplit(".", 1)[-1]
+    return "other"
+
+
+def count_params_by_role(model) -> dict[str, int]:
+    """Parameter count per role: 'embedding', each Linear leaf name (q_proj, …, fc2), 'norm', 'head', 'other'.
+
+    Each parameter is counted once (a head tied to the embedding adds nothing); biases count with their layer.
+    The values sum to `sum(p.numel() for p in model.parameters())`.
+    """
+    head = model.get_output_embeddings()
+    seen: set[int] = set()
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for p in own)
+        role = _role(module, name, head)
+        counts[role] = counts.get(role, 0) + sum(p.numel() for p in own)
+    return counts
+
+
+def group_roles(counts: Mapping[str, int]) -> dict[str, int]:
+    """Coarse groups of `count_params_by_role`: embedding, attention, mlp, norms, head, other."""
+    out = dict.fromkeys(("embedding", "attention", "mlp", "norms", "head", "other"), 0)
+    for role, n in counts.items():
+        if role in ATTENTION_ROLES:
+            out["attention"] += n
+        elif role in MLP_ROLES:
+            out["mlp"] += n
+        elif role == "norm":
+            out["norms"] += n
+        elif role in out:
+            out[role] += n
+        else:
+            out["other"] += n
+    return out
+
+
+def shape_summary(config, model=None) -> dict[str, int | float]:
+    """Layers, hidden size, heads, KV heads, head dim, rotary dims, MLP width and vocab rows of a config.
+
+    Rotary dims are read from the built skeleton's inverse-frequency buffer when `model` is given (two dims
+    per frequency), else from the config's partial rotary factor.
+    """
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    rotary = int(head_dim * factor)
+    if model is not None:
+        inv = dict(model.named_buffers()).get("model.rotary_emb.inv_freq")
+        if inv is not None:
+            rotary = 2 * inv.shape[-1]
+    return {
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "rotary_dims": rotary,
+        "partial_rotary_factor": rotary / head_dim,
+        "intermediate_size": config.intermediate_size,
+        "vocab_rows": config.vocab_size,
+        "max_positions": config.max_position_embeddings,
+    }
+
+
+def find_configs(names: Iterable[str] | None = None, **shape) -> list[str]:
+    """Shipped configs whose `shape_summary` matches every given field, e.g. find_configs(layers=24, head_dim=64)."""
+    hits = []
+    for name in names or config_names():
+        summary = shape_summary(load_config(name))
+        unknown = set(shape) - set(summary)
+        if unknown:
+            raise KeyError(f"unknown shape fields {sorted(unknown)}; use {sorted(summary)}")
+        if all(summary[k] == v for k, v in shape.items()):
+            hits.append(name)
+    return hits
+
+
+def quantizable(model) -> tuple[int, int]:
+    """(weights, output rows) of the Linear layers bitsandbytes would quantize: every nn.Linear but the head."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    weights = rows = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            weights += module.weight.numel()
+            rows += module.weight.shape[0]
+    return weights, rows
+
+
+def memory_by_precision(
+    n_params: int,
+    precisions: Mapping[str, tuple[str, bool]] = PRECISIONS,
+    blocksize: int = 64,
+    rows: int = 0,
+    quantized: int | None = None,
+    keep: str = "bf16",
+) -> dict[str, float]:
+    """Bytes to store `n_params` weights in each precision (label -> bytes), via helpers.quant.weight_bytes.
+
+    By default every weight is stored in the format (the simple arithmetic for published parameter counts).
+    With `quantized` set, only that many weights (the Linear layers, see `quantizable`) take the 8/4-bit
+    formats and the rest (embedding, head, norms, biases) stays in `keep`, as bitsandbytes does; `rows` adds
+    int8's one fp32 scale per output row.
+    """
+    out = {}
+    for label, (fmt, dq) in precisions.items():
+        low_bit = fmt in ("int8", "nf4", "fp4")
+        q = n_params if (quantized is None or not low_bit) else quantized
+        total = quant.weight_bytes(q, fmt, blocksize=blocksize, double_quant=dq, rows=rows if low_bit else 0)
+        if q < n_params:
+            total += quant.weight_bytes(n_params - q, keep)
+        out[label] = total
+    return out

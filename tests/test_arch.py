@@ -1,0 +1,122 @@
+"""helpers.arch: shipped configs, meta-device skeletons, parameter counts by role, memory by precision."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from helpers import arch
+
+PHI2_PARAMS = 2_779_683_840
+PHI15_PARAMS = 1_418_270_720
+
+
+def phi_params(hidden: int, layers: int, ff: int, vocab: int) -> int:
+    """Closed form for native PhiForCausalLM: biased q/k/v/dense and fc1/fc2, one LayerNorm a block, biased head."""
+    attn = 4 * (hidden * hidden + hidden)
+    mlp = (hidden * ff + ff) + (ff * hidden + hidden)
+    block = attn + mlp + 2 * hidden
+    return vocab * hidden + layers * block + 2 * hidden + (vocab * hidden + vocab)
+
+
+@pytest.fixture(scope="module")
+def skeletons():
+    return {name: arch.meta_model(arch.load_config(name)) for name in arch.config_names()}
+
+
+def test_shipped_configs_have_provenance():
+    readme = (arch.CONFIG_DIR / "README.md").read_text()
+    names = arch.config_names()
+    assert set(names) == set(arch.HUB_IDS)
+    for name in names:
+        assert f"`{name}.json`" in readme and arch.HUB_IDS[name] in readme
+        raw = arch.load_config_dict(name)
+        if "_name_or_path" in raw:
+            assert raw["_name_or_path"] == arch.HUB_IDS[name]
+
+
+def test_load_config_by_name_and_hub_id():
+    cfg = arch.load_config("phi-1.5")
+    assert type(cfg).__name__ == "PhiConfig"
+    assert arch.load_config("microsoft/phi-1_5").to_dict() == cfg.to_dict()
+    assert type(arch.load_config("llama-2-70b")).__name__ == "LlamaConfig"
+    with pytest.raises(FileNotFoundError, match="available"):
+        arch.load_config("phi-3")
+
+
+def test_shapes_match_the_hub_configs(skeletons):
+    phi2 = arch.shape_summary(arch.load_config("phi-2"), skeletons["phi-2"])
+    assert (phi2["layers"], phi2["hidden_size"], phi2["heads"], phi2["head_dim"]) == (32, 2560, 32, 80)
+    assert phi2["rotary_dims"] == 32 and phi2["intermediate_size"] == 10240 and phi2["vocab_rows"] == 51200
+    phi15 = arch.shape_summary(arch.load_config("phi-1.5"), skeletons["phi-1.5"])
+    assert (phi15["layers"], phi15["hidden_size"], phi15["head_dim"], phi15["rotary_dims"]) == (24, 2048, 64, 32)
+    assert phi15["vocab_rows"] > arch.TOKENIZER_LENGTH["phi-1.5"]
+    assert arch.shape_summary(arch.load_config("llama-2-70b"))["kv_heads"] == 8
+
+
+def test_seed_claim_24_layers_head_dim_64_is_phi_1_5_not_phi_2():
+    assert arch.find_configs(layers=24, head_dim=64) == ["phi-1", "phi-1.5"]
+    assert arch.find_configs(layers=32, head_dim=80) == ["phi-2"]
+    with pytest.raises(KeyError):
+        arch.find_configs(depth=24)
+
+
+def test_parameter_counts_exact(skeletons):
+    totals = {n: sum(p.numel() for p in m.parameters()) for n, m in skeletons.items()}
+    assert totals["phi-2"] == PHI2_PARAMS == phi_params(2560, 32, 10240, 51200)
+    assert totals["phi-1.5"] == PHI15_PARAMS == phi_params(2048, 24, 8192, 51200) == totals["phi-1"]
+    # published counts (Llama 2 / Mistral model cards round these to 7B/13B/70B and 7.24B)
+    assert totals["llama-2-7b"] == 6_738_415_616
+    assert totals["llama-2-13b"] == 13_015_864_320
+    assert totals["llama-2-70b"] == 68_976_648_192
+    assert totals["mistral-7b"] == 7_241_732_096
+    assert all(p.device.type == "meta" for p in skeletons["llama-2-70b"].parameters())
+
+
+def test_count_params_by_role_phi2(skeletons):
+    roles = arch.count_params_by_role(skeletons["phi-2"])
+    assert sum(roles.values()) == PHI2_PARAMS
+    assert roles["embedding"] == 51200 * 2560
+    assert roles["head"] == 51200 * 2560 + 51200
+    for name in ("q_proj", "k_proj", "v_proj", "dense"):
+        assert roles[name] == 32 * (2560 * 2560 + 2560)
+    assert roles["fc1"] == 32 * (2560 * 10240 + 10240)
+    assert roles["fc2"] == 32 * (10240 * 2560 + 2560)
+    assert roles["norm"] == 33 * 2 * 2560
+    assert "other" not in roles
+    groups = arch.group_roles(roles)
+    assert groups["attention"] == 4 * roles["q_proj"] and groups["mlp"] == roles["fc1"] + roles["fc2"]
+    assert sum(groups.values()) == PHI2_PARAMS
+
+
+def test_count_params_by_role_llama_names_and_tied_head():
+    cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)  # real tensors: the tied head shares the embedding's weight
+    roles = arch.count_params_by_role(model)
+    assert sum(roles.values()) == sum(p.numel() for p in model.parameters())
+    assert roles["embedding"] == 1600 and "head" not in roles
+    assert roles["k_proj"] == 2 * 16 * 8 and roles["gate_proj"] == 2 * 16 * 32
+    assert roles["norm"] == (2 * 2 + 1) * 16
+    assert arch.group_roles(roles)["mlp"] == 3 * 2 * 16 * 32
+
+
+def test_quantizable_excludes_the_head(skeletons):
+    weights, rows = arch.quantizable(skeletons["phi-2"])
+    assert weights == 32 * (4 * 2560 * 2560 + 2 * 2560 * 10240)
+    assert rows == 32 * (4 * 2560 + 10240 + 2560)
+
+
+def test_memory_by_precision_hand_computed():
+    mem = arch.memory_by_precision(1_000_000)
+    assert mem == {"fp32": 4_000_000, "bf16": 2_000_000, "int8": 1_000_000,
+                   "nf4": 562_500,  # 4 bits + one fp32 absmax per 64 weights = 4.5 bits
+                   "nf4+dq": 516_113.28125}  # 4 + 8/64 + 64/(64*256) bits
+    assert arch.memory_by_precision(PHI2_PARAMS)["nf4"] == 1_563_572_160
+    assert arch.memory_by_precision(PHI2_PARAMS)["bf16"] == 2 * PHI2_PARAMS
+    # only 640 of 1000 weights quantized, 10 output rows; the other 360 stay bf16 (2 bytes)
+    part = arch.memory_by_precision(1000, quantized=640, rows=10)
+    assert part["int8"] == 640 + 4 * 10 + 720
+    assert part["nf4"] == 640 * 0.5625 + 720
+    assert part["fp32"] == 4000
+    assert arch.memory_by_precision(6400, blocksize=32)["nf4"] == 6400 * 5 / 8
