@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install prepare run nb test test-fast lint unit smoke strip clean
+.PHONY: help install prepare run nb test test-gpu lint unit smoke strip clean
 
 help:
 	@echo "make run | make test | make nb NB=04 PARAMS='-p MAX_STEPS 200' | make lint | make strip | make clean"
@@ -60,6 +60,12 @@ smoke: prepare
 
 test: lint prepare
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The GPU lane: the same tests and notebook smoke runs on a CUDA machine (real 4-bit CUDA kernels, bf16/fp16
+# by card); the hub may be used, so MODEL="auto" picks Phi-2 when it is reachable. CI has no GPU.
+test-gpu: lint prepare
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU: torch sees none')"
+	SLM_COURSE_ALLOW_HUB=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 strip: install
 	$(PY) scripts/strip_notebooks.py notebooks/*.ipynb
