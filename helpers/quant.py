@@ -82,3 +82,227 @@ def bnb_config(
         bnb_4bit_use_double_quant=spec.double_quant,
         bnb_4bit_quant_storage=getattr(torch, spec.quant_storage),
     )
+
+
+# ------------------------------------------------------------------------------ bytes of a loaded model
+# bitsandbytes keeps the quantized codes in the module's `weight` parameter (Params4bit: two 4-bit codes per
+# uint8; Int8Params: one int8 per weight) and the rest *outside* the parameter list: the 4-bit QuantState
+# (absmax per block, the 16-entry code table, and with double quantization the 8-bit absmax plus a nested
+# state) and the int8 per-row scales (SCB). model.get_memory_footprint() counts parameters and buffers only,
+# so it misses those; the functions below count them.
+
+
+def _own_weight(module):
+    """The module's *own* `weight` parameter (not a peft wrapper's forwarded `.weight` property)."""
+    return getattr(module, "_parameters", {}).get("weight")
+
+
+def is_4bit_linear(module) -> bool:
+    """True for a bitsandbytes 4-bit Linear (its own weight is a Params4bit)."""
+    return type(_own_weight(module)).__name__ == "Params4bit"
+
+
+def is_8bit_linear(module) -> bool:
+    """True for a bitsandbytes LLM.int8 Linear (its own weight is an Int8Params)."""
+    return type(_own_weight(module)).__name__ == "Int8Params"
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def quant_state_tensors(module) -> dict:
+    """Tensors a bitsandbytes Linear holds outside its parameters, by name: 4-bit absmax/code/offset/state2.*, int8 SCB."""
+    import torch
+
+    weight = _own_weight(module)
+    found = {}
+    if is_4bit_linear(module):
+        qs = getattr(weight, "quant_state", None)
+        if qs is None:
+            return {}
+        found = {"absmax": qs.absmax, "code": qs.code, "offset": getattr(qs, "offset", None)}
+        if getattr(qs, "state2", None) is not None:
+            found.update({"state2.absmax": qs.state2.absmax, "state2.code": qs.state2.code})
+    elif is_8bit_linear(module):
+        scb = getattr(weight, "SCB", None)
+        if scb is None:  # after the first forward bitsandbytes moves the scales into module.state
+            scb = getattr(getattr(module, "state", None), "SCB", None)
+        found = {"SCB": scb}
+    return {k: t for k, t in found.items() if isinstance(t, torch.Tensor)}
+
+
+def _layer_format(module) -> tuple[str, int, int]:
+    """(format, original weight count, output rows) of a bitsandbytes Linear."""
+    weight = _own_weight(module)
+    if is_4bit_linear(module):
+        qs = weight.quant_state
+        rows, cols = (int(s) for s in qs.shape)
+        return str(qs.quant_type), rows * cols, rows
+    return "int8", weight.numel(), int(weight.shape[0])
+
+
+def _param_kind(model, module_name: str, module, param_name: str) -> str:
+    """Role of a full-precision tensor: embedding, head, norm, bias, buffer or other."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cls = type(module).__name__
+    if head is not None and module is head and param_name == "weight":
+        return "head"
+    if "Embedding" in cls:
+        return "embedding"
+    if "Norm" in cls:
+        return "norm"
+    if param_name == "bias":
+        return "bias"
+    return "other"
+
+
+def quantized_linear_bytes(model) -> dict:
+    """Bytes actually held by a loaded model: 4/8-bit Linear weights (codes + quant state) vs full-precision tensors.
+
+    Returns quantized_layers, formats ({"nf4": n, ...}), quantized_params (original weight count),
+    packed_weight_bytes, quant_state_bytes (of which code_table_bytes: the per-layer 16/256-entry lookup tables
+    the storage formula ignores), quantized_bytes (= packed + state), bits_per_quantized_weight,
+    full_precision_params, full_precision_bytes, full_precision_by_kind (embedding/head/norm/bias/buffer/other),
+    repacked_for_cpu (4-bit layers bitsandbytes has repacked, see `cpu_repacked_layers`), total_bytes.
+    Tensors shared between layers (bitsandbytes' code tables, tied embeddings) are counted once.
+    """
+    seen: set[int] = set()
+
+    def once(t) -> int:
+        key = id(t) if t.device.type == "meta" else (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return _tensor_bytes(t)
+
+    formats: dict[str, int] = {}
+    q_params = q_rows = packed = state = tables = 0
+    fp_params = fp_bytes = 0
+    by_kind = {k: 0 for k in ("embedding", "head", "norm", "bias", "buffer", "other")}
+    seen_params: set[int] = set()
+    for mname, module in model.named_modules():
+        quantized = is_4bit_linear(module) or is_8bit_linear(module)
+        if quantized:
+            fmt, n, rows = _layer_format(module)
+            formats[fmt] = formats.get(fmt, 0) + 1
+            q_params += n
+            q_rows += rows
+            packed += once(_own_weight(module))
+            seen_params.add(id(_own_weight(module)))
+            for key, t in quant_state_tensors(module).items():
+                b = once(t)
+                state += b
+                tables += b if key.endswith("code") else 0
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen_params:
+                continue
+            seen_params.add(id(p))
+            b = once(p)
+            fp_params += p.numel()
+            fp_bytes += b
+            by_kind[_param_kind(model, mname, module, pname)] += b
+        for _bname, buf in module.named_buffers(recurse=False):
+            b = once(buf)
+            fp_bytes += b
+            by_kind["buffer"] += b
+    quantized_bytes = packed + state
+    return {
+        "quantized_layers": sum(formats.values()),
+        "formats": formats,
+        "quantized_params": q_params,
+        "quantized_rows": q_rows,
+        "packed_weight_bytes": packed,
+        "quant_state_bytes": state,
+        "code_table_bytes": tables,
+        "quantized_bytes": quantized_bytes,
+        "bits_per_quantized_weight": 8 * quantized_bytes / q_params if q_params else 0.0,
+        "full_precision_params": fp_params,
+        "full_precision_bytes": fp_bytes,
+        "full_precision_by_kind": by_kind,
+        "repacked_for_cpu": len(cpu_repacked_layers(model)),
+        "total_bytes": quantized_bytes + fp_bytes,
+    }
+
+
+def cpu_repacked_layers(model) -> list[str]:
+    """Names of 4-bit layers bitsandbytes has repacked for its CPU inference kernel (see facts.md: the silent bug).
+
+    bitsandbytes 0.50 repacks a Linear4bit on CPU the first time it runs in eval mode without gradients (on CPUs
+    with AVX512-BF16): absmax goes to bf16 (undoing double quantization) and the layer then computes in bf16
+    whatever its compute dtype. After that, backward no longer reaches LoRA adapters on inputs of those layers.
+    A non-empty list before training means: reload the model.
+    """
+    return [
+        name for name, m in model.named_modules()
+        if is_4bit_linear(m) and getattr(_own_weight(m).quant_state, "packing_format_for_cpu", False)
+    ]
+
+
+def quantizable_linears(model) -> list[tuple[str, int, int]]:
+    """(name, weight count, output rows) of the Linear layers bitsandbytes would quantize in `model`.
+
+    For an already-quantized model: its 4/8-bit layers. Otherwise every nn.Linear except what transformers
+    keeps in full precision (the output head, tied weights, the last module: `get_keys_to_not_convert`).
+    Works on a meta-device skeleton (no weights needed).
+    """
+    from torch import nn
+
+    done = [(n, *_layer_format(m)[1:]) for n, m in model.named_modules() if is_4bit_linear(m) or is_8bit_linear(m)]
+    if done:
+        return done
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skip = set(get_keys_to_not_convert(model))
+    except Exception:  # not a transformers model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip = {n for n, m in model.named_modules() if head is not None and m is head}
+    return [
+        (n, m.weight.numel(), int(m.weight.shape[0]))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not any(n == s or n.startswith(s + ".") for s in skip)
+    ]
+
+
+def theoretical_bytes(
+    model,
+    precision: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    other_precision: str | None = None,
+) -> dict:
+    """What `model` should take in `precision`: the quantizable Linears by the storage formula, the rest as is.
+
+    `other_precision` (e.g. "fp16") prices the tensors that stay unquantized (embeddings, head, norms, biases,
+    buffers) at that width instead of their current dtype. Returns quantized_params, quantized_bytes,
+    full_precision_params, full_precision_bytes, total_bytes, bits_per_quantized_weight.
+    """
+    layers = quantizable_linears(model)
+    q_names = {n for n, _, _ in layers}
+    q_params = sum(n for _, n, _ in layers)
+    rows = sum(r for _, _, r in layers)
+    q_bytes = weight_bytes(q_params, precision, blocksize, double_quant, rows=rows)
+    fp_params = 0
+    fp_bytes = 0.0
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        tensors = [(n, p, True) for n, p in module.named_parameters(recurse=False)]
+        tensors += [(n, b, False) for n, b in module.named_buffers(recurse=False)]
+        for pname, p, is_param in tensors:
+            if id(p) in seen or (mname in q_names and pname == "weight"):
+                continue
+            seen.add(id(p))
+            width = bits_per_param(other_precision) / 8 if other_precision and p.is_floating_point() else p.element_size()
+            fp_params += p.numel() if is_param else 0
+            fp_bytes += p.numel() * width
+    return {
+        "precision": precision,
+        "double_quant": double_quant,
+        "quantized_params": q_params,
+        "quantized_bytes": q_bytes,
+        "bits_per_quantized_weight": 8 * q_bytes / q_params if q_params else 0.0,
+        "full_precision_params": fp_params,
+        "full_precision_bytes": fp_bytes,
+        "total_bytes": q_bytes + fp_bytes,
+    }

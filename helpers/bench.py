@@ -1,0 +1,274 @@
+"""Benchmark harness: perplexity, generation speed, peak memory (RSS on CPU, max allocated on CUDA), timing.
+
+4-bit models on CPU and the silent bitsandbytes bug (``../shared/facts.md``): bitsandbytes 0.50 repacks a
+``Linear4bit`` for its CPU inference kernel the first time it runs in eval mode without gradients, and after
+that backward no longer reaches LoRA adapters on those layers. Everything here that runs a model forward does
+it inside :func:`eval_mode`, which puts the model in eval mode (dropout off) but, with ``guard_4bit=True`` (the
+default), leaves the 4-bit Linear modules themselves flagged as training. Their training flag controls nothing
+but that repack, so the numbers are unchanged (computed in the model's own compute dtype), and the model stays
+fit for training afterwards. The cost: the repacked kernel can be faster for inference; pass
+``guard_4bit=False`` for a throw-away model when you want that speed and will never train it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from helpers.quant import is_4bit_linear, quant_state_tensors
+
+
+def _device_of(model) -> str:
+    try:
+        return next(model.parameters()).device.type
+    except StopIteration:
+        return "cpu"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def eval_mode(model, guard_4bit: bool = True) -> Iterator:
+    """Run `model` in eval mode (no dropout) and restore every module's mode afterwards.
+
+    With `guard_4bit` on CPU, bitsandbytes 4-bit Linear modules stay flagged as training, so their forward
+    does not repack the weights (the silent bug that later starves LoRA of gradients). Use inside no_grad.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    if guard_4bit and _device_of(model) == "cpu":
+        for m in model.modules():
+            if is_4bit_linear(m):
+                m.training = True
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+
+def _windows(ids: Sequence[int], max_length: int) -> list[list[int]]:
+    """Split one token sequence into consecutive, non-overlapping windows of at most `max_length` tokens."""
+    return [list(ids[i:i + max_length]) for i in range(0, len(ids), max_length) if len(ids[i:i + max_length]) > 1]
+
+
+def token_nll(model, tokenizer, texts: Sequence[str] | str, max_length: int = 512, batch_size: int = 1,
+              guard_4bit: bool = True) -> dict:
+    """Summed negative log-likelihood (nats) of every predicted token of `texts`, and how many tokens were scored.
+
+    Each text is tokenized as the tokenizer does by default, then cut into non-overlapping windows of
+    `max_length` tokens; in each window every token after the first is predicted from those before it in the
+    same window (a window's first token is context only). Returns nll_sum, n_tokens, mean_nll, perplexity,
+    n_windows.
+    """
+    import torch
+
+    if isinstance(texts, str):
+        texts = [texts]
+    windows = [w for t in texts for w in _windows(tokenizer(t)["input_ids"], max_length)]
+    if not windows:
+        raise ValueError("no window with at least two tokens: the texts are empty or max_length < 2")
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    device = next(model.parameters()).device
+    nll_sum, n_tokens = 0.0, 0
+    with torch.no_grad(), eval_mode(model, guard_4bit):
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
+            width = max(len(w) for w in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, w in enumerate(batch):
+                ids[i, :len(w)] = torch.tensor(w)
+                mask[i, :len(w)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            keep = mask[:, 1:].bool()
+            nll_sum -= float(logp[keep].double().sum())
+            n_tokens += int(keep.sum())
+    mean = nll_sum / n_tokens
+    return {"nll_sum": nll_sum, "n_tokens": n_tokens, "mean_nll": mean, "perplexity": math.exp(mean),
+            "n_windows": len(windows)}
+
+
+def perplexity(model, tokenizer, texts: Sequence[str] | str, max_length: int = 512, batch_size: int = 1,
+               guard_4bit: bool = True) -> float:
+    """exp(token-weighted mean NLL) of `texts` (see `token_nll` for windowing); no gradients, eval mode, 4-bit safe."""
+    return token_nll(model, tokenizer, texts, max_length, batch_size, guard_4bit)["perplexity"]
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory while the block runs: process RSS sampled every `interval` s on CPU, max allocated on CUDA.
+
+    ``with PeakMemory() as pm: ...`` then ``pm.peak_bytes`` (highest value seen), ``pm.delta_bytes`` (peak minus
+    the value at entry), ``pm.start_bytes``, ``pm.device``. On CPU RSS counts every byte of the process (and
+    memory freed inside the block may not be returned to the OS), so compare deltas, not absolute values;
+    an allocation shorter than the sampling interval can be missed.
+    """
+
+    def __init__(self, device: str = "auto", interval: float = 0.01):
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        self.device = device
+        self.interval = interval
+        self.start_bytes = self.peak_bytes = self.end_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def delta_bytes(self) -> int:
+        """Peak minus the value at entry (bytes)."""
+        return self.peak_bytes - self.start_bytes
+
+    def _rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start_bytes = self.peak_bytes = torch.cuda.memory_allocated()
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start_bytes = self.peak_bytes = self._rss()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak_bytes = max(self.start_bytes, torch.cuda.max_memory_allocated())
+            self.end_bytes = torch.cuda.memory_allocated()
+            return
+        self.end_bytes = self._rss()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.end_bytes)
+
+    def __repr__(self) -> str:
+        return f"PeakMemory({self.device}: peak {self.peak_bytes / 2**20:,.1f} MiB, delta {self.delta_bytes / 2**20:,.1f} MiB)"
+
+
+def model_footprint(model, quant_state: bool = True) -> int:
+    """Bytes of parameters + buffers (tied tensors once), plus bitsandbytes' quant state (absmax, scales) if asked.
+
+    With quant_state=False this equals transformers' `model.get_memory_footprint()`.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    if quant_state:
+        states = {id(t): t for m in model.modules() for t in quant_state_tensors(m).values()}
+        total += sum(t.numel() * t.element_size() for t in states.values())
+    return total
+
+
+# ------------------------------------------------------------------------------------------- timing
+
+
+def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> dict:
+    """Run `fn` `warmup` times untimed, then `repeats` times timed: {"median", "min", "all" (s), "result" (last)}."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "all": times, "result": result}
+
+
+def generation_speed(model, tokenizer, prompts: Sequence[str] | str, max_new_tokens: int = 32, warmup: int = 1,
+                     repeats: int = 3, guard_4bit: bool = True) -> dict:
+    """Greedy generation speed, one prompt at a time, median over `repeats` (after `warmup` untimed passes).
+
+    Time to first token (TTFT) = a generate() of one new token (prefill + first step); total = a generate() of
+    exactly `max_new_tokens`. prefill tokens/s = prompt tokens / TTFT; decode tokens/s = (new tokens - 1) /
+    (total - TTFT). Prompts are tokenized as given (format them, e.g. with a chat template, first).
+    Returns prefill_tokens_per_s, decode_tokens_per_s, ttft_s (mean per prompt), total_s (all prompts),
+    prompt_tokens, new_tokens, repeats, texts (the greedy continuations). Keep warmup >= 1: the first call
+    pays one-time costs (allocations, bitsandbytes' CPU repack with guard_4bit=False) that would land in TTFT.
+    """
+    import torch
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if max_new_tokens < 2:
+        raise ValueError("max_new_tokens must be >= 2 to separate prefill from decoding")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [{k: v.to(device) for k, v in tokenizer(p, return_tensors="pt").items()} for p in prompts]
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+
+    def gen(enc, n: int):
+        return model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **greedy)
+
+    runs, texts = [], []
+    with torch.no_grad(), eval_mode(model, guard_4bit):
+        for r in range(warmup + max(1, repeats)):
+            ttft = total = 0.0
+            prompt_tokens = new_tokens = 0
+            texts = []
+            for enc in encoded:
+                first = time_call(lambda enc=enc: gen(enc, 1), warmup=0, repeats=1)
+                full = time_call(lambda enc=enc: gen(enc, max_new_tokens), warmup=0, repeats=1)
+                n_prompt = enc["input_ids"].shape[1]
+                out = full["result"][0, n_prompt:]
+                ttft += first["median"]
+                total += full["median"]
+                prompt_tokens += n_prompt
+                new_tokens += int(out.numel())
+                texts.append(tokenizer.decode(out, skip_special_tokens=True))
+            if r >= warmup:
+                runs.append({
+                    "prefill_tokens_per_s": prompt_tokens / ttft,
+                    # NaN when noise makes the full run no slower than the 1-token run (use warmup >= 1)
+                    "decode_tokens_per_s": (new_tokens - len(encoded)) / (total - ttft) if total > ttft else math.nan,
+                    "ttft_s": ttft / len(encoded),
+                    "total_s": total,
+                })
+    out = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    out.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=len(runs), texts=texts)
+    return out
