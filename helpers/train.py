@@ -1,0 +1,686 @@
+"""SFT training: one config dataclass → TRL's `SFTConfig` + `SFTTrainer` (current API), end to end.
+
+- :class:`TrainConfig` + :func:`build_trainer` + :func:`train` (resumable; adapter in safetensors, `metrics.json`,
+  `env.json`, `train_config.json`), the gradient check after the first step (:class:`GradientCheckCallback`).
+- :func:`estimate_memory`: weights at their precision, LoRA parameters, gradients, optimizer state, activations as
+  a function of batch, length and activation checkpointing, and the LM head's working set.
+- :func:`translate_legacy_args`: the old argument names of 2023-era scripts (the seed's) → today's, or an error
+  naming the replacement where no automatic mapping exists; :func:`route_args` says where each one goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from helpers import bench, data, env, lora, models, quant
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Everything one LoRA/QLoRA SFT run needs; `train(cfg)` runs it without a notebook (issue 8's CLI)."""
+
+    model: str = "smollm2-135m"             # registry name, hub id or folder (helpers.models)
+    data_file: str | None = None            # default: data/sft/train.jsonl (any format helpers.data accepts)
+    eval_file: str | None = None            # held-out prompt/completion records (eval loss, task accuracy)
+    quantization: str | None = None         # None | "nf4" | "fp4" | "int8" (bitsandbytes; "nf4" = QLoRA)
+    dtype: str | None = None                # None: by hardware (bf16 / fp16 on a T4 / fp32 on CPU)
+    double_quant: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: str | list[str] = "all-linear"
+    max_steps: int = 100
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = 0.05              # < 1: a fraction of max_steps (what warmup_ratio used to be)
+    max_length: int = 192
+    packing: bool = False
+    completion_only_loss: bool = True
+    activation_checkpointing: bool = False
+    optimizer: str = "adamw_torch"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    output_dir: str = "build/sft"
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    eval_steps: int = 0                     # 0: no evaluation loop during training
+    eval_samples: int = 0                   # held-out records generated + scored before and after training
+    max_new_tokens: int = 64
+    gradient_check: bool = True
+    resume_from_checkpoint: str | bool | None = None
+
+    def __post_init__(self) -> None:
+        quant.QuantSpec(self.quantization)  # validates the name
+        if self.lora_r <= 0 or self.max_steps <= 0 or self.per_device_train_batch_size <= 0:
+            raise ValueError("lora_r, max_steps and per_device_train_batch_size must be positive")
+        if isinstance(self.lora_targets, tuple):
+            self.lora_targets = list(self.lora_targets)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> TrainConfig:
+        """Build from a dict (a YAML file); old argument names are translated, unknown names rejected with hints."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        aliases = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+                   "lr": "learning_rate", "schedule": "lr_scheduler_type", "optim": "optimizer",
+                   "target_modules": "lora_targets", "r": "lora_r"}
+        out = {}
+        for key, value in translate_legacy_args(values).items():
+            key = aliases.get(key, key)
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=3)
+                raise ValueError(f"unknown TrainConfig field {key!r}" + (f"; did you mean {close}?" if close else f"; fields: {names}"))
+            out[key] = value
+        return cls(**out)
+
+    def to_dict(self) -> dict:
+        """The config as a plain JSON-able dict."""
+        return asdict(self)
+
+
+def _device_dtype(cfg: TrainConfig) -> tuple[env.DeviceChoice, str]:
+    device = env.choose_device()
+    dtype = cfg.dtype or device.dtype_name
+    env.check_dtype_supported(dtype, device.device)
+    return device, dtype
+
+
+def lora_config(cfg: TrainConfig, model=None):
+    """The peft `LoraConfig`; with `model`, the targets are validated first (stale names raise with hints)."""
+    from peft import LoraConfig
+
+    targets = cfg.lora_targets
+    if model is not None:
+        lora.validate_targets(model, targets)
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def sft_config(cfg: TrainConfig, device: str = "cpu", dtype: str = "float32", evaluate: bool = False):
+    """TRL `SFTConfig` with every choice made explicitly (no reliance on TRL's changing defaults)."""
+    from trl import SFTConfig
+
+    out = Path(cfg.output_dir)
+    return SFTConfig(
+        output_dir=str(out / CHECKPOINT_DIR),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        optim=cfg.optimizer,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # data: prompt/completion strings already in the model's format, EOS appended (helpers.data)
+        max_length=cfg.max_length,
+        packing=cfg.packing,
+        completion_only_loss=cfg.completion_only_loss,
+        # memory/precision, explicit: TRL 1.16 would otherwise turn checkpointing and bf16 on by itself
+        activation_checkpointing=cfg.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.activation_checkpointing else None,
+        bf16=device == "cuda" and dtype == "bfloat16",
+        fp16=device == "cuda" and dtype == "float16",
+        use_cpu=device == "cpu",
+        # logging / checkpoints / evaluation
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=cfg.eval_steps or None,
+        report_to="none",
+        disable_tqdm=False,  # tqdm.auto progress bars (text in a terminal, a widget in Jupyter)
+    )
+
+
+# ------------------------------------------------------------------------------------------- callbacks
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class GradientCheckCallback(_callback_base()):
+    """After the first backward pass (before the optimizer step): every LoRA tensor must have a non-zero gradient.
+
+    Uses `helpers.lora.check_lora_gradients`, which raises with the likely cause (stale targets, a frozen path
+    under checkpointing, the bitsandbytes CPU repack bug). At the very first step lora_A's gradient is exactly zero
+    because lora_B starts at zero; those are reported as "zero_expected", not as failures.
+    """
+
+    def __init__(self) -> None:
+        self.report: dict | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.report is None:
+            self.report = {"step": state.global_step + 1, **lora.check_lora_gradients(model)}
+        return control
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+def _is_4bit_on_cpu(model) -> bool:
+    return getattr(model, "is_loaded_in_4bit", False) and next(model.parameters()).device.type == "cpu"
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds=None, callbacks: Sequence = ()):
+    """A TRL `SFTTrainer` for `cfg`: records formatted for the model, LoRA targets validated, gradient check added.
+
+    `train_ds`/`eval_ds` are `helpers.data.load_records` datasets (any accepted format). With a 4-bit model on
+    CPU, an evaluation loop is refused: bitsandbytes' CPU repack bug would silently stop LoRA gradients.
+    """
+    from trl import SFTTrainer
+
+    device = next(model.parameters()).device.type
+    dtype = cfg.dtype or ("float32" if device == "cpu" else env.choose_device().dtype_name)
+    evaluate = bool(eval_ds is not None and cfg.eval_steps)
+    if evaluate and _is_4bit_on_cpu(model):
+        raise ValueError(
+            "eval_steps > 0 with a 4-bit model on CPU: bitsandbytes 0.50.2 repacks 4-bit weights during an eval-mode "
+            "forward and LoRA then gets no gradient (facts.md). Set eval_steps=0 (evaluate after training) or use "
+            "quantization=None on CPU."
+        )
+    peft_config = lora_config(cfg, model)  # validates the targets first: stale names fail here, not silently
+    if tokenizer.pad_token is None:  # Phi-2: no pad token; pad = eos is safe because labels are padded with -100
+        tokenizer.pad_token = tokenizer.eos_token
+    if data.record_format(train_ds.column_names) == "text" and cfg.completion_only_loss:
+        warnings.warn("text records have no prompt/completion split: the loss covers every token", stacklevel=2)
+    train_fmt = data.format_dataset(train_ds, tokenizer)
+    if cfg.max_length and not cfg.packing:
+        long = sum(n > cfg.max_length for n in data.token_lengths(train_fmt, tokenizer))
+        if long:
+            warnings.warn(f"{long} of {len(train_fmt)} training examples are longer than max_length={cfg.max_length}: "
+                          "their end, EOS included, is cut off (see helpers.data.suggest_max_length)", stacklevel=2)
+    eval_fmt = data.format_dataset(eval_ds, tokenizer) if eval_ds is not None else None
+    model.config.use_cache = False  # no KV cache while training (re-enabled for generation by train())
+    grad_check = [GradientCheckCallback()] if cfg.gradient_check else []
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(cfg, device, dtype, evaluate),
+        train_dataset=train_fmt,
+        eval_dataset=eval_fmt if evaluate else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[*grad_check, *callbacks],
+    )
+    return trainer
+
+
+def gradient_report(trainer) -> dict | None:
+    """The gradient check's report from a trainer built by `build_trainer` (None if it has not run)."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, GradientCheckCallback):
+            return cb.report
+    return None
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """Greedy completions for already formatted prompts (left-padded batches), special tokens stripped.
+
+    Runs in `helpers.bench.eval_mode`: dropout off, but a 4-bit model on CPU keeps its 4-bit layers out of the
+    bitsandbytes repack that would silently stop LoRA gradients in a later training run (facts.md).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    if tokenizer.pad_token is None:  # Phi-2 has none; padded positions are masked out by the attention mask
+        tokenizer.pad_token = tokenizer.eos_token
+    side, outputs = tokenizer.padding_side, []
+    try:
+        tokenizer.padding_side = "left"
+        with torch.no_grad(), bench.eval_mode(model):
+            for i in range(0, len(prompts), batch_size):
+                enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [o.strip() for o in outputs]
+
+
+def evaluate_task(model, tokenizer, records: Sequence[Mapping], max_new_tokens: int = 48, batch_size: int = 16,
+                  style: str = "auto") -> dict:
+    """Generate answers for held-out task records (chat or prompt/completion) and score them.
+
+    Returns {"outputs": [generated text], "scores": helpers.data.score_predictions(...)}.
+    """
+    pairs = [data.split_record(r) for r in records]
+    prompts = [data.format_prompt(p, tokenizer, style) for p, _ in pairs]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return {"outputs": outputs, "scores": data.score_predictions(outputs, [a for _, a in pairs])}
+
+
+# ------------------------------------------------------------------------------------------- train()
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the trainer and model, the metrics written to disk, where the adapter is."""
+
+    trainer: object
+    model: object
+    tokenizer: object
+    metrics: dict
+    adapter_dir: Path
+    before: dict | None = None
+    after: dict | None = None
+
+
+def loss_history(trainer) -> dict[str, list]:
+    """Training loss per logged step from the trainer's log (plus eval loss where evaluated)."""
+    logs = trainer.state.log_history
+    return {
+        "step": [h["step"] for h in logs if "loss" in h],
+        "loss": [h["loss"] for h in logs if "loss" in h],
+        "eval_step": [h["step"] for h in logs if "eval_loss" in h],
+        "eval_loss": [h["eval_loss"] for h in logs if "eval_loss" in h],
+    }
+
+
+def _default_file(name: str) -> str:
+    return str(env.DATA_DIR / "sft" / name)
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=None,
+          callbacks: Sequence = (), extra_metrics: Mapping | None = None) -> TrainResult:
+    """Load (unless given), evaluate before, train, save the adapter, evaluate after; write metrics/env JSON.
+
+    Writes to cfg.output_dir: adapter/ (safetensors + train_config.json), checkpoints/, metrics.json, env.json.
+    Resume an interrupted run with `cfg.resume_from_checkpoint=True` (the latest checkpoint) or a path.
+    """
+    env.set_seed(cfg.seed)
+    device, dtype = _device_dtype(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is None:
+        tokenizer = models.load_tokenizer(cfg.model)
+    if model is None:
+        model = models.load_model(cfg.model, quantization=cfg.quantization, dtype=dtype, double_quant=cfg.double_quant)
+    if train_ds is None:
+        train_ds = data.load_records(cfg.data_file or _default_file("train.jsonl"))
+    if eval_ds is None and (cfg.eval_file or cfg.eval_samples or cfg.eval_steps):
+        eval_ds = data.load_records(cfg.eval_file or _default_file("heldout.jsonl"))
+    heldout = eval_ds.select(range(min(cfg.eval_samples, len(eval_ds)))) if eval_ds is not None and cfg.eval_samples else None
+    if heldout is not None and data.record_format(heldout.column_names) == "text":
+        raise ValueError("eval_samples needs held-out records with an answer (prompt/completion or chat), not text")
+
+    before = after = None
+    if heldout is not None:
+        before = evaluate_task(model, tokenizer, list(heldout), cfg.max_new_tokens)
+
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks)
+    resume = cfg.resume_from_checkpoint
+    if resume is True and not any((out / CHECKPOINT_DIR).glob("checkpoint-*")):
+        resume = None  # nothing to resume from yet: start fresh
+    with bench.PeakMemory(device.device) as mem:
+        t0 = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - t0
+    adapter_dir = out / ADAPTER_DIR
+    trainer.model.save_pretrained(adapter_dir)  # adapter_model.safetensors + adapter_config.json
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    model = trainer.model
+    model.config.use_cache = True
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    eval_results = {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
+    if heldout is not None:
+        after = evaluate_task(model, tokenizer, list(heldout), cfg.max_new_tokens)
+
+    hist = loss_history(trainer)
+    logs = trainer.state.log_history
+    tokens = max((h.get("num_tokens", 0) for h in logs), default=0)
+    metrics = {
+        "config": cfg.to_dict(),
+        "model": cfg.model,
+        "device": device.device,
+        "dtype": dtype,
+        "steps": trainer.state.global_step,
+        "loss_history": hist,
+        "first_loss": hist["loss"][0] if hist["loss"] else None,
+        "final_loss": hist["loss"][-1] if hist["loss"] else None,
+        "train_seconds": round(seconds, 2),
+        "train_runtime": output.metrics.get("train_runtime"),
+        "train_tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds else None,
+        "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 3),
+        "peak_memory": {"device": mem.device, "kind": "max_allocated" if mem.device == "cuda" else "rss",
+                        "peak_bytes": mem.peak_bytes, "start_bytes": mem.start_bytes},
+        "gradient_check": gradient_report(trainer),
+        "lora": lora.lora_summary(model),
+        "eval": eval_results,
+        "task_before": before["scores"] if before else None,
+        "task_after": after["scores"] if after else None,
+        "adapter_dir": str(adapter_dir),
+        **dict(extra_metrics or {}),
+    }
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "env.json", env.env_report(device))
+    return TrainResult(trainer, model, tokenizer, metrics, adapter_dir, before, after)
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write `obj` as indented JSON (numbers/strings only; other values as their str())."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, default=str))
+    return path
+
+
+def load_trained(adapter_dir: str | Path, quantization: str | None = None, dtype: str | None = None,
+                 model: str | None = None):
+    """(model with the adapter attached, tokenizer) from `adapter_dir`; the base model is read from train_config.json."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "train_config.json"
+    name = model or (json.loads(cfg_path.read_text())["model"] if cfg_path.exists() else None)
+    if name is None:
+        raise FileNotFoundError(f"{cfg_path} is missing: pass model= (the base model the adapter was trained on)")
+    base = models.load_model(name, quantization=quantization, dtype=dtype)
+    tok = models.load_tokenizer(str(adapter_dir))
+    return PeftModel.from_pretrained(base, str(adapter_dir)), tok
+
+
+# ------------------------------------------------------------------------------------------- memory planner
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# optimizer state bytes per trainable parameter
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_32bit": 8,
+                   "adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2, "sgd": 0, "adafactor": 4}
+LOGIT_CHUNK = 32768  # TRL's fused LM head projects at most this many vocabulary columns at a time
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted training memory by part (bytes) and the assumptions behind it."""
+
+    parts: dict[str, float]
+    assumptions: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """Sum of all parts, bytes."""
+        return float(sum(self.parts.values()))
+
+    def gib(self) -> dict[str, float]:
+        """Parts and total in GiB, rounded to 3 decimals."""
+        return {**{k: round(v / 2**30, 3) for k, v in self.parts.items()}, "total": round(self.total / 2**30, 3)}
+
+    def fits(self, budget_gib: float) -> bool:
+        """True if the total stays within `budget_gib`."""
+        return self.total <= budget_gib * 2**30
+
+
+def _skeleton(config_or_model):
+    """A model (real or meta-device skeleton) and its config from a model, a config or a shipped config name."""
+    from helpers import arch  # noqa: PLC0415 - arch sits below train in the import order
+
+    if hasattr(config_or_model, "named_modules"):
+        return config_or_model, config_or_model.config
+    config = arch.load_config(config_or_model) if isinstance(config_or_model, str) else config_or_model
+    return arch.meta_model(config), config
+
+
+def _activation_elements_per_token(config, model, targets, lora_dropout: float, attention: str, seq_len: int) -> dict:
+    """Elements saved for backward per token in one decoder layer, by part (a first-order count)."""
+    h = config.hidden_size
+    i = config.intermediate_size
+    a = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or a
+    d = getattr(config, "head_dim", None) or h // a
+    gated = getattr(config, "hidden_act", "") in ("silu", "swish") or getattr(config, "model_type", "") in (
+        "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3")
+    parallel = getattr(config, "model_type", "") == "phi"  # attention and MLP read the same LayerNorm output
+    attn = (1 + 1) * h + 2 * a * d + 2 * kv * d + a * d  # norm in/out, q and k (+rotated), v, attention output
+    mlp = (0 if parallel else 2 * h) + (4 * i if gated else 3 * i)  # norm in/out; gate,up,act,product | fc1,act,tmp
+    scores = 2 * a * seq_len if attention == "eager" else 0  # eager keeps softmax probs (+ dropout) per token
+    # LoRA: dropout(x) is a new tensor per adapted layer (when dropout > 0), plus the rank-r output of lora_A
+    layer = next(n for n, _ in model.named_modules() if n.endswith((".layers.0", ".h.0", ".blocks.0")))
+    modules = dict(model.named_modules())
+    adapted = [modules[n] for n in lora.matched_modules(model, targets) if n.startswith(layer + ".")]
+    lora_part = sum(getattr(m, "in_features", 0) for m in adapted) if lora_dropout > 0 else 0
+    return {"attention": attn + scores, "mlp": mlp, "lora": lora_part}
+
+
+def estimate_memory(
+    config_or_model,
+    quantization: str | None = None,
+    dtype: str = "float32",
+    lora_r: int = 16,
+    lora_targets: str | list[str] = "all-linear",
+    batch_size: int = 1,
+    seq_len: int = 512,
+    activation_checkpointing: bool = False,
+    optimizer: str = "adamw_torch",
+    adapter_dtype: str | None = None,
+    lora_dropout: float = 0.05,
+    attention: str = "sdpa",
+    double_quant: bool = False,
+    overhead_bytes: float = 0.0,
+) -> MemoryEstimate:
+    """Predict training memory for LoRA/QLoRA: weights, LoRA params, grads, optimizer state, activations, LM head.
+
+    `config_or_model`: a loaded model, a transformers config, or a shipped config name ("phi-2"). Weights: the
+    Linear layers (not the head) at `quantization` (bitsandbytes formats, helpers.quant), everything else at
+    `dtype`. LoRA parameters, gradients and optimizer state are per trainable parameter (`adapter_dtype`: TRL
+    keeps adapters in bf16 for quantized models, else fp32). Activations: per token per layer, the tensors
+    saved for backward (no checkpointing), or only each layer's input plus one layer recomputed
+    (checkpointing); the fused LM head works on ≤ 32768 vocabulary columns at a time in fp32.
+    `overhead_bytes`: what the process holds anyway (CUDA context, the Python/torch runtime on CPU).
+    """
+    model, config = _skeleton(config_or_model)
+    from helpers import arch
+
+    n_params = sum(p.numel() for p in model.parameters())
+    act_bytes = DTYPE_BYTES[dtype]
+    if quantization:
+        q_weights, rows = arch.quantizable(model)
+        weights = quant.weight_bytes(q_weights, quantization, double_quant=double_quant,
+                                     rows=rows if quantization == "int8" else 0)
+        weights += quant.weight_bytes(n_params - q_weights, dtype)
+    else:
+        weights = quant.weight_bytes(n_params, dtype)
+    adapter_dtype = adapter_dtype or ("bfloat16" if quantization else "float32")
+    n_lora = lora.expected_lora_params(model, lora_targets, lora_r)
+    p_bytes = DTYPE_BYTES[adapter_dtype]
+    opt = OPTIMIZER_BYTES.get(optimizer.lower())
+    if opt is None:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_BYTES)}")
+
+    tokens = batch_size * seq_len
+    layers = config.num_hidden_layers
+    per_tok = _activation_elements_per_token(config, model, lora_targets, lora_dropout, attention, seq_len)
+    per_layer = tokens * sum(per_tok.values()) * act_bytes
+    if activation_checkpointing:
+        activations = layers * tokens * config.hidden_size * act_bytes + per_layer
+    else:
+        activations = layers * per_layer
+    vocab = model.get_output_embeddings().weight.shape[0]
+    head = tokens * config.hidden_size * 4 * 2 + tokens * min(vocab, LOGIT_CHUNK) * 4 * 2  # fp32 hidden + logit tiles
+    parts = {
+        "weights": weights,
+        "lora_params": n_lora * p_bytes,
+        "gradients": n_lora * p_bytes,
+        "optimizer_state": n_lora * opt,
+        "activations": activations,
+        "lm_head_working_set": head,
+        "overhead": overhead_bytes,
+    }
+    assumptions = {
+        "n_params": n_params, "lora_params": n_lora, "quantization": quantization, "dtype": dtype,
+        "adapter_dtype": adapter_dtype, "optimizer": optimizer, "batch_size": batch_size, "seq_len": seq_len,
+        "activation_checkpointing": activation_checkpointing, "attention": attention,
+        "activation_elements_per_token_per_layer": per_tok, "layers": layers,
+    }
+    return MemoryEstimate(parts, assumptions)
+
+
+# ------------------------------------------------------------------------------------------- old → new arguments
+
+
+class LegacyArgumentError(TypeError):
+    """An argument from an older transformers/TRL/peft API that has no automatic replacement; says what to do."""
+
+
+def _bnb_from(values: Mapping, bits: int):
+    from transformers import BitsAndBytesConfig
+
+    extra = {k: v for k, v in values.items() if k.startswith("bnb_4bit_") or k.startswith("llm_int8_")}
+    return BitsAndBytesConfig(**({"load_in_4bit": True} if bits == 4 else {"load_in_8bit": True}), **extra)
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """One old argument: its replacement (None = no automatic mapping), where it goes now, and why."""
+
+    new: str | None
+    where: str
+    note: str
+    convert: Callable[[object, Mapping], object] | None = None
+    deprecated: bool = False  # still accepted today (with a warning), removal announced
+
+
+LEGACY_ARGS: dict[str, Legacy] = {
+    "tokenizer": Legacy("processing_class", "SFTTrainer", "renamed: a trainer takes any processor, not only a tokenizer"),
+    "max_seq_length": Legacy("max_length", "SFTConfig", "renamed and moved from SFTTrainer(...) to SFTConfig"),
+    "dataset_text_field": Legacy("dataset_text_field", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
+    "packing": Legacy("packing", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
+    "dataset_num_proc": Legacy("dataset_num_proc", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
+    "dataset_kwargs": Legacy("dataset_kwargs", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
+    "use_auth_token": Legacy("token", "from_pretrained", "renamed; better: set HF_TOKEN in the environment"),
+    "torch_dtype": Legacy("dtype", "from_pretrained", "renamed (torch_dtype= still works with a deprecation warning)",
+                          deprecated=True),
+    "load_in_4bit": Legacy("quantization_config", "from_pretrained",
+                           "bare kwarg removed: pass BitsAndBytesConfig(load_in_4bit=True, ...)",
+                           lambda v, d: _bnb_from(d, 4) if v else None),
+    "load_in_8bit": Legacy("quantization_config", "from_pretrained",
+                           "bare kwarg removed: pass BitsAndBytesConfig(load_in_8bit=True)",
+                           lambda v, d: _bnb_from(d, 8) if v else None),
+    "warmup_ratio": Legacy("warmup_steps", "SFTConfig", "merged into warmup_steps: a float < 1 is a fraction of the steps"),
+    "evaluation_strategy": Legacy("eval_strategy", "SFTConfig", "renamed"),
+    "gradient_checkpointing": Legacy("activation_checkpointing", "SFTConfig", "renamed (old name warns; removal in v6)",
+                                     deprecated=True),
+    "gradient_checkpointing_kwargs": Legacy("activation_checkpointing_kwargs", "SFTConfig",
+                                            "renamed (old name warns; removal in v6)", deprecated=True),
+    "no_cuda": Legacy("use_cpu", "SFTConfig", "renamed"),
+    "per_gpu_train_batch_size": Legacy("per_device_train_batch_size", "SFTConfig", "renamed"),
+    "per_gpu_eval_batch_size": Legacy("per_device_eval_batch_size", "SFTConfig", "renamed"),
+    "push_to_hub_token": Legacy("hub_token", "SFTConfig", "renamed; better: HF_TOKEN in the environment"),
+    "group_by_length": Legacy("train_sampling_strategy", "SFTConfig", "now one of the sampler strategies",
+                              lambda v, d: "group_by_length" if v else "random"),
+    "include_inputs_for_metrics": Legacy("include_for_metrics", "SFTConfig", "now a list of what to include",
+                                         lambda v, d: ["inputs"] if v else []),
+    "overwrite_output_dir": Legacy(None, "SFTConfig", (
+        "removed (the Trainer never deleted output_dir). To continue from the last checkpoint pass "
+        "resume_from_checkpoint=True to trainer.train() (TrainConfig.resume_from_checkpoint); to start over, use a new "
+        "output_dir")),
+    "logging_dir": Legacy(None, "SFTConfig", (
+        "removed: set the TENSORBOARD_LOGGING_DIR environment variable (with report_to='tensorboard'); "
+        "the default is output_dir/runs")),
+    "save_safetensors": Legacy(None, "SFTConfig", "removed: checkpoints are always safetensors now; delete the argument"),
+    "response_template": Legacy(None, "SFTTrainer", (
+        "DataCollatorForCompletionOnlyLM is gone from TRL: use prompt/completion records and "
+        "SFTConfig(completion_only_loss=True) (conversations: assistant_only_loss=True)")),
+    "num_of_sequences": Legacy(None, "SFTConfig", "removed with the old packing: packing=True packs into max_length blocks"),
+    "chars_per_token": Legacy(None, "SFTConfig", "removed with the old packing: packing=True packs into max_length blocks"),
+}
+_BNB_PREFIXES = ("bnb_4bit_", "llm_int8_")
+
+
+def translate_legacy_args(args: Mapping) -> dict:
+    """Map old-style arguments (the seed's era) to current names; raise LegacyArgumentError where there is no mapping.
+
+    Arguments that are still current pass through unchanged. Bare `bnb_4bit_*` kwargs are folded into the
+    `BitsAndBytesConfig` that replaces `load_in_4bit=True`. Giving an old name and its replacement together raises.
+    """
+    out: dict = {}
+    has_load = any(k in args for k in ("load_in_4bit", "load_in_8bit"))
+    for key, value in args.items():
+        if key.startswith(_BNB_PREFIXES):
+            if not has_load:
+                raise LegacyArgumentError(f"{key!r} is not a from_pretrained() argument any more: put it inside "
+                                          "quantization_config=BitsAndBytesConfig(...)")
+            continue  # folded into the BitsAndBytesConfig below
+        row = LEGACY_ARGS.get(key)
+        if row is None or row.new == key:
+            out[key] = value
+            continue
+        if row.new is None:
+            raise LegacyArgumentError(f"{key!r} no longer exists ({row.where}): {row.note}")
+        if row.new in args:
+            raise LegacyArgumentError(f"both {key!r} (old) and {row.new!r} (its replacement) were given: keep only {row.new!r}")
+        new_value = row.convert(value, args) if row.convert else value
+        if new_value is None and row.convert:
+            continue  # e.g. load_in_4bit=False: nothing to ask for
+        out[row.new] = new_value
+    return out
+
+
+def route_args(args: Mapping) -> dict[str, dict]:
+    """Group current argument names by where they go: from_pretrained, SFTTrainer, SFTConfig, LoraConfig."""
+    import inspect
+
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    dests = {  # first match wins: model-loading arguments go to from_pretrained even where TRL mirrors them
+        "from_pretrained": {"token", "dtype", "quantization_config", "device_map", "trust_remote_code", "revision",
+                            "attn_implementation", "low_cpu_mem_usage", "cache_dir", "local_files_only", "gguf_file"},
+        "SFTTrainer": set(inspect.signature(SFTTrainer.__init__).parameters) - {"self", "args"},
+        "SFTConfig": {f.name for f in dataclasses.fields(SFTConfig)},
+        "LoraConfig": {f.name for f in dataclasses.fields(LoraConfig)},
+    }
+    out: dict[str, dict] = {k: {} for k in dests}
+    for key, value in args.items():
+        where = next((d for d, names in dests.items() if key in names), None)
+        if where is None:
+            every = sorted(set().union(*dests.values()))
+            close = difflib.get_close_matches(key, every, n=3)
+            raise LegacyArgumentError(f"{key!r} is not an argument of {', '.join(dests)}"
+                                      + (f"; did you mean {close}?" if close else ""))
+        out[where][key] = value
+    return out
+
+
+def legacy_table() -> list[dict]:
+    """The old → new argument table (for notebooks and docs)."""
+    return [{"old": k, "new": v.new or "— (no automatic mapping)", "where": v.where, "note": v.note}
+            for k, v in LEGACY_ARGS.items()]
+
+
+__all__ = [
+    "TrainConfig", "build_trainer", "train", "estimate_memory", "translate_legacy_args", "route_args",
+    "GradientCheckCallback", "MemoryEstimate", "LegacyArgumentError", "load_trained", "loss_history",
+    "lora_config", "sft_config", "legacy_table", "write_json", "TrainResult", "generate", "evaluate_task",
+]

@@ -1,0 +1,377 @@
+"""helpers.train: config → SFTConfig/SFTTrainer, labels (completion only, EOS kept), gradient check, train()
+end to end with resume and reload, the memory planner, and the old → new argument shield (every row)."""
+
+import dataclasses
+import inspect
+import json
+import warnings
+
+import pytest
+import torch
+
+from helpers import data, lora, models, train
+from helpers.train import LEGACY_ARGS, LegacyArgumentError, TrainConfig
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return models.build_tiny_phi()
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    torch.manual_seed(0)
+    return models.load_model(str(tiny_dir), dtype="float32", device="cpu"), models.load_tokenizer(str(tiny_dir))
+
+
+def task_ds(n, seed=0, split="train"):
+    from datasets import Dataset
+
+    recs = data.make_task_records(seed, n_train=n if split == "train" else 4, n_heldout=n if split == "heldout" else 4)
+    return Dataset.from_list(recs[split])
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(model="tiny-phi", max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, lora_r=4,
+                lora_alpha=8, lora_dropout=0.0, max_length=512, logging_steps=1, save_steps=1000,
+                output_dir=str(tmp_path / "run"), warmup_steps=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+def test_sft_config_is_explicit_and_quiet(tmp_path):
+    cfg = cfg_for(tmp_path, max_length=192, activation_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sc = train.sft_config(cfg, "cpu", "float32")
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert sc.max_length == 192 and sc.completion_only_loss is True and sc.packing is False
+    assert sc.activation_checkpointing is False and sc.bf16 is False and sc.fp16 is False and sc.use_cpu is True
+    assert sc.eval_strategy == "no" and sc.max_steps == 4 and sc.optim == "adamw_torch"
+    assert sc.output_dir.endswith("run/checkpoints")
+    on = train.sft_config(cfg_for(tmp_path, activation_checkpointing=True), "cpu", "float32")
+    assert on.activation_checkpointing is True and on.activation_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_trainconfig_from_dict_translates_and_rejects():
+    cfg = TrainConfig.from_dict({"max_seq_length": 256, "batch_size": 2, "lr": 1e-4, "warmup_ratio": 0.1,
+                                 "gradient_checkpointing": True})
+    assert (cfg.max_length, cfg.per_device_train_batch_size, cfg.learning_rate) == (256, 2, 1e-4)
+    assert cfg.warmup_steps == 0.1 and cfg.activation_checkpointing is True
+    with pytest.raises(ValueError, match="did you mean.*max_steps"):
+        TrainConfig.from_dict({"max_step": 3})
+    with pytest.raises(ValueError, match="quantization"):
+        TrainConfig(quantization="nf3")
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+# ------------------------------------------------------------------------------------------- labels / EOS
+
+
+@pytest.mark.slow
+def test_labels_mask_prompt_and_keep_eos(tmp_path, tiny):
+    model, tok = tiny
+    assert tok.pad_token is None or tok.pad_token == tok.eos_token
+    trainer = train.build_trainer(cfg_for(tmp_path), model, tok, task_ds(8))
+    assert tok.pad_token == tok.eos_token  # Phi-style tokenizer: pad = eos
+    row = trainer.train_dataset[0]
+    ids, labels = row["input_ids"], row["labels"]
+    n_prompt = next(i for i, lab in enumerate(labels) if lab != -100)
+    prompt_text = tok.decode(ids[:n_prompt])
+    assert prompt_text.endswith("\nOutput:") and "Instruct: " in prompt_text  # no chat template → Phi-2 format
+    assert all(lab == -100 for lab in labels[:n_prompt])
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # EOS is trained
+    # the collator pads labels with -100, so padding with the EOS id does not hide the real EOS
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    for b in range(2):
+        n = len(trainer.train_dataset[b]["input_ids"])
+        assert batch["labels"][b, n - 1].item() == tok.eos_token_id
+    # the old way (transformers' LM collator, labels = ids with pad → -100) masks EOS when pad = eos
+    from transformers import DataCollatorForLanguageModeling
+
+    old = DataCollatorForLanguageModeling(tok, mlm=False)([{"input_ids": ids}])
+    assert old["labels"][0, -1].item() == -100
+
+
+def test_text_records_warn_full_sequence_loss(tmp_path, tiny):
+    from datasets import Dataset
+
+    model, tok = tiny
+    with pytest.warns(UserWarning, match="loss covers every token"):
+        trainer = train.build_trainer(cfg_for(tmp_path), model, tok, Dataset.from_list([{"text": "a b c"}] * 4))
+    row = trainer.train_dataset[0]
+    assert row["labels"] == row["input_ids"] and row["input_ids"][-1] == tok.eos_token_id
+
+
+def test_too_short_max_length_warns(tmp_path, tiny):
+    model, tok = tiny
+    with pytest.warns(UserWarning, match="longer than max_length=16: their end, EOS included, is cut off"):
+        train.build_trainer(cfg_for(tmp_path, max_length=16), model, tok, task_ds(4))
+
+
+def test_stale_targets_raise_before_training(tmp_path, tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="match no module"):
+        train.build_trainer(cfg_for(tmp_path, lora_targets=["Wqkv", "out_proj", "fc1", "fc2"]), model, tok, task_ds(4))
+
+
+def test_eval_loop_refused_for_4bit_on_cpu(tmp_path, tiny_dir):
+    model = models.load_model(str(tiny_dir), quantization="nf4", dtype="float32", device="cpu")
+    tok = models.load_tokenizer(str(tiny_dir))
+    with pytest.raises(ValueError, match="repacks"):
+        train.build_trainer(cfg_for(tmp_path, eval_steps=2), model, tok, task_ds(4), eval_ds=task_ds(4, split="heldout"))
+
+
+# ------------------------------------------------------------------------------------------- gradient check
+
+
+def test_gradient_check_callback_passes_and_catches(tiny):
+    from peft import get_peft_model
+
+    model, tok = tiny
+    cfg = TrainConfig(lora_r=4, lora_dropout=0.0, lora_targets=["q_proj", "v_proj", "fc1"])
+    peft_model = get_peft_model(model, train.lora_config(cfg, model))
+    batch = tok(["Instruct: hi\nOutput: yes"], return_tensors="pt")
+    batch["labels"] = batch["input_ids"].clone()
+    peft_model(**batch).loss.backward()
+    cb = train.GradientCheckCallback()
+    state = type("S", (), {"global_step": 0})()
+    cb.on_pre_optimizer_step(None, state, None, model=peft_model)
+    n_layers = model.config.num_hidden_layers
+    assert cb.report["n_tensors"] == 2 * 3 * n_layers
+    assert cb.report["zero"] == [] and cb.report["n_nonzero"] + len(cb.report["zero_expected"]) == cb.report["n_tensors"]
+    # a layer whose LoRA gets no gradient (what a frozen path or a stale name looks like) must stop training
+    for name, p in peft_model.named_parameters():
+        if "layers.0.self_attn.q_proj.lora_B" in name:
+            p.grad.zero_()
+    with pytest.raises(RuntimeError, match="received no gradient"):
+        train.GradientCheckCallback().on_pre_optimizer_step(None, state, None, model=peft_model)
+
+
+# ------------------------------------------------------------------------------------------- train() end to end
+
+
+@pytest.mark.slow
+def test_train_end_to_end_resume_and_reload(tmp_path, tiny):
+    model, tok = tiny
+    held = task_ds(6, split="heldout")
+    cfg = cfg_for(tmp_path, max_steps=6, save_steps=3, eval_steps=3, eval_samples=3, max_new_tokens=8,
+                  learning_rate=1e-2)
+    res = train.train(cfg, model=model, tokenizer=tok, train_ds=task_ds(48), eval_ds=held)
+    out = tmp_path / "run"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and len(m["loss_history"]["loss"]) >= 6
+    assert m["final_loss"] < m["first_loss"]  # loss falls
+    assert m["gradient_check"]["zero"] == [] and m["gradient_check"]["step"] == 1
+    assert m["train_tokens"] > 0 and m["tokens_per_second"] > 0 and m["peak_memory"]["peak_bytes"] > 0
+    assert set(m["task_before"]) == {"n", "parsed", "schema_valid", "exact_match", "field_accuracy"}
+    assert m["task_after"]["n"] == 3 and "eval_loss" in m["eval"]
+    env_json = json.loads((out / "env.json").read_text())
+    assert env_json["device"] == "cpu" and "transformers" in env_json["versions"]
+    adapter = out / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "adapter_config.json").exists()
+    assert json.loads((adapter / "train_config.json").read_text())["max_steps"] == 6
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+    # reload: the saved adapter reproduces the trained model's logits and generations
+    reloaded, tok2 = train.load_trained(adapter, model=str(models.build_tiny_phi()))
+    ids = tok(["Instruct: turn on the lamp\nOutput:"], return_tensors="pt")
+    res.model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(**ids).logits, reloaded(**ids).logits)
+    prompts = [data.format_prompt(p, tok) for p, _ in map(data.split_record, list(held)[:2])]
+    assert train.generate(res.model, tok, prompts, 6) == train.generate(reloaded, tok2, prompts, 6)
+    merged = reloaded.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, res.model(**ids).logits, rtol=1e-4, atol=1e-4)
+
+    # resume: continue the same run to 8 steps from its last checkpoint
+    cfg2 = dataclasses.replace(cfg, max_steps=8, resume_from_checkpoint=True, eval_samples=0)
+    fresh = models.load_model(str(models.build_tiny_phi()), dtype="float32", device="cpu")
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        ran = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ran.append(state.global_step)
+
+    res2 = train.train(cfg2, model=fresh, tokenizer=tok, train_ds=task_ds(48), eval_ds=None, callbacks=[CountSteps()])
+    assert res2.trainer.state.global_step == 8 and CountSteps.ran == [7, 8]  # only the new steps ran
+    assert res2.metrics["loss_history"]["step"][:6] == m["loss_history"]["step"][:6]  # history carried over
+
+
+def test_generate_restores_tokenizer_and_scores(tiny):
+    model, tok = tiny
+    model.train()
+    side = tok.padding_side
+    recs = list(task_ds(3, split="heldout"))
+    out = train.evaluate_task(model, tok, recs, max_new_tokens=4, batch_size=2)
+    assert len(out["outputs"]) == 3 and out["scores"]["n"] == 3 and tok.padding_side == side
+    assert model.training is True  # generation ran in eval mode and gave the mode back
+    # batched (left-padded) generation gives the same text as one prompt at a time
+    prompts = [data.format_prompt(data.split_record(r)[0], tok) for r in recs]
+    assert train.generate(model, tok, prompts, 4, batch_size=1) == train.generate(model, tok, prompts, 4, batch_size=3)
+
+
+# ------------------------------------------------------------------------------------------- memory planner
+
+
+def test_estimate_memory_exact_parts(tiny):
+    model, _ = tiny
+    n = sum(p.numel() for p in model.parameters())
+    n_lora = lora.expected_lora_params(model, "all-linear", 8)
+    est = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0)
+    assert est.parts["weights"] == n * 4
+    assert est.parts["lora_params"] == est.parts["gradients"] == n_lora * 4
+    assert est.parts["optimizer_state"] == n_lora * 8
+    ckpt = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0,
+                                 activation_checkpointing=True)
+    assert ckpt.parts["activations"] < est.parts["activations"]
+    double = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=4, seq_len=64, lora_dropout=0.0)
+    assert double.parts["activations"] == 2 * est.parts["activations"]  # linear in batch (sdpa)
+    eager = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, attention="eager")
+    assert eager.parts["activations"] > est.parts["activations"]
+    nf4 = train.estimate_memory(model, quantization="nf4", dtype="float32", lora_r=8)
+    assert nf4.parts["weights"] < est.parts["weights"] and nf4.assumptions["adapter_dtype"] == "bfloat16"
+    assert est.total == sum(est.parts.values()) and est.fits(1.0)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train.estimate_memory(model, optimizer="lion")
+
+
+def test_phi2_qlora_recipe_on_a_t4():
+    targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    kw = dict(quantization="nf4", dtype="float16", lora_r=32, lora_targets=targets, batch_size=1, seq_len=2048,
+              optimizer="paged_adamw_32bit", lora_dropout=0.1, overhead_bytes=0.5 * 2**30)
+    est = train.estimate_memory("phi-2", activation_checkpointing=True, **kw)
+    assert est.assumptions["n_params"] == 2_779_683_840  # facts.md, meta-device skeleton
+    assert est.assumptions["lora_params"] == 32 * (4 * 32 * (2560 + 2560) + 2 * 32 * (2560 + 10240))
+    assert 1.4 < est.parts["weights"] / 2**30 < 2.2  # NF4 linears + fp16 embedding/head
+    assert est.fits(16)
+    no_ckpt = train.estimate_memory("phi-2", activation_checkpointing=False, attention="eager", **kw)
+    assert not no_ckpt.fits(16)  # the seed's settings (no checkpointing then) at 2048 tokens
+
+
+# ------------------------------------------------------------------------------------------- old → new arguments
+
+SAMPLE_VALUE = {"load_in_4bit": True, "load_in_8bit": True, "group_by_length": True, "include_inputs_for_metrics": True,
+                "warmup_ratio": 0.03, "evaluation_strategy": "steps", "no_cuda": True, "max_seq_length": 2048,
+                "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
+                "per_gpu_train_batch_size": 2, "per_gpu_eval_batch_size": 2, "torch_dtype": "float16",
+                "use_auth_token": True, "push_to_hub_token": "x", "dataset_text_field": "text", "packing": False,
+                "dataset_num_proc": 2, "dataset_kwargs": {"skip_prepare_dataset": False}, "tokenizer": "TOK",
+                "overwrite_output_dir": True, "logging_dir": "./logs", "save_safetensors": True,
+                "response_template": "### Answer:", "num_of_sequences": 1024, "chars_per_token": 3.6}
+
+
+def _current_names(where):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    if where == "SFTConfig":
+        return {f.name for f in dataclasses.fields(SFTConfig)}
+    if where == "SFTTrainer":
+        return set(inspect.signature(SFTTrainer.__init__).parameters)
+    if where == "LoraConfig":
+        return {f.name for f in dataclasses.fields(LoraConfig)}
+    return None
+
+
+def test_every_row_has_a_test_value():
+    assert set(SAMPLE_VALUE) == set(LEGACY_ARGS)
+
+
+@pytest.mark.parametrize("old", sorted(LEGACY_ARGS))
+def test_legacy_row(old):
+    row = LEGACY_ARGS[old]
+    value = SAMPLE_VALUE[old]
+    names = _current_names(row.where)
+    if names is not None and row.new != old:
+        if row.deprecated:  # still accepted with a warning: when it goes, flip the row to removed
+            assert old in names, f"{old} is gone from {row.where}: mark the row deprecated=False"
+        else:
+            assert old not in names, f"{old} still exists on {row.where}: the row is stale"
+    if row.new is None:
+        with pytest.raises(LegacyArgumentError) as info:
+            train.translate_legacy_args({old: value})
+        assert old in str(info.value) and len(str(info.value)) > 40  # says what to do instead
+        return
+    out = train.translate_legacy_args({old: value})
+    assert list(out) == [row.new]
+    if names is not None:
+        assert row.new in names, f"{row.new} is not an argument of {row.where}"
+    expected = {"group_by_length": "group_by_length", "include_inputs_for_metrics": ["inputs"]}.get(old, value)
+    if old in ("load_in_4bit", "load_in_8bit"):
+        from transformers import BitsAndBytesConfig
+
+        q = out["quantization_config"]
+        assert isinstance(q, BitsAndBytesConfig) and (q.load_in_4bit if old == "load_in_4bit" else q.load_in_8bit)
+    else:
+        assert out[row.new] == expected
+    assert train.route_args(out)[row.where] == out
+
+
+@pytest.mark.parametrize("old,value,kind", [
+    ("warmup_ratio", 0.03, "SFTConfig"), ("evaluation_strategy", "steps", "SFTConfig"), ("no_cuda", True, "SFTConfig"),
+    ("group_by_length", True, "SFTConfig"), ("logging_dir", "x", "SFTConfig"), ("overwrite_output_dir", True, "SFTConfig"),
+    ("max_seq_length", 16, "SFTConfig"), ("tokenizer", None, "SFTTrainer"), ("max_seq_length", 16, "SFTTrainer"),
+    ("dataset_text_field", "text", "SFTTrainer"),
+])
+def test_old_names_really_fail_today(old, value, kind):
+    from trl import SFTConfig, SFTTrainer
+
+    with pytest.raises(TypeError, match=old):
+        if kind == "SFTConfig":
+            SFTConfig(output_dir="/tmp/x", report_to="none", **{old: value})
+        else:
+            SFTTrainer(model=None, **{old: value})
+
+
+@pytest.mark.slow
+def test_old_from_pretrained_kwargs_fail_today(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    for kw in ({"use_auth_token": True}, {"load_in_4bit": True}):
+        with pytest.raises(TypeError):
+            AutoModelForCausalLM.from_pretrained(str(tiny_dir), **kw)
+    new = train.translate_legacy_args({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                       "bnb_4bit_compute_dtype": "float32", "torch_dtype": torch.float32})
+    assert new["quantization_config"].bnb_4bit_quant_type == "nf4" and new["dtype"] is torch.float32
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_dir), device_map={"": "cpu"}, **new)
+    assert getattr(m, "is_loaded_in_4bit", False)
+
+
+def test_translate_edge_cases():
+    assert train.translate_legacy_args({"learning_rate": 2e-4, "optim": "paged_adamw_32bit"}) == {
+        "learning_rate": 2e-4, "optim": "paged_adamw_32bit"}
+    with pytest.raises(LegacyArgumentError, match="keep only 'warmup_steps'"):
+        train.translate_legacy_args({"warmup_ratio": 0.1, "warmup_steps": 10})
+    with pytest.raises(LegacyArgumentError, match="BitsAndBytesConfig"):
+        train.translate_legacy_args({"bnb_4bit_quant_type": "nf4"})
+    assert train.translate_legacy_args({"load_in_4bit": False}) == {}
+    assert train.translate_legacy_args({"group_by_length": False}) == {"train_sampling_strategy": "random"}
+    with pytest.raises(LegacyArgumentError, match="did you mean"):
+        train.route_args({"learnig_rate": 1e-4})
+
+
+def test_seed_script_translates_and_builds_today():
+    """The seed's TrainingArguments + SFTTrainer + from_pretrained kwargs → current, accepted by today's classes."""
+    from trl import SFTConfig
+
+    seed = dict(output_dir="./results", per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                optim="paged_adamw_32bit", save_steps=500, logging_steps=10, learning_rate=2e-4, fp16=False,
+                bf16=False, max_grad_norm=0.3, max_steps=10000, warmup_ratio=0.03, group_by_length=True,
+                lr_scheduler_type="constant", dataset_text_field="text", max_seq_length=2048, tokenizer="TOK",
+                packing=False, use_auth_token=True, trust_remote_code=True)
+    routed = train.route_args(train.translate_legacy_args(seed))
+    assert routed["SFTTrainer"] == {"processing_class": "TOK"}
+    assert routed["from_pretrained"] == {"token": True, "trust_remote_code": True}
+    cfg = SFTConfig(**routed["SFTConfig"], report_to="none", use_cpu=True, activation_checkpointing=False)
+    assert cfg.max_length == 2048 and cfg.warmup_steps == 0.03 and cfg.train_sampling_strategy == "group_by_length"
