@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -218,16 +219,26 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds=None, ca
     eval_fmt = data.format_dataset(eval_ds, tokenizer) if eval_ds is not None else None
     model.config.use_cache = False  # no KV cache while training (re-enabled for generation by train())
     grad_check = [GradientCheckCallback()] if cfg.gradient_check else []
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(cfg, device, dtype, evaluate),
-        train_dataset=train_fmt,
-        eval_dataset=eval_fmt if evaluate else None,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[*grad_check, *callbacks],
-    )
+    with _quiet_peft():
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(cfg, device, dtype, evaluate),
+            train_dataset=train_fmt,
+            eval_dataset=eval_fmt if evaluate else None,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[*grad_check, *callbacks],
+        )
     return trainer
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """Silence one upstream warning nobody can act on: peft 0.21 reads transformers' deprecated alias
+    `is_gradient_checkpointing` while wrapping a model (a FutureWarning from transformers 5.24)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def gradient_report(trainer) -> dict | None:
@@ -409,7 +420,8 @@ def load_trained(adapter_dir: str | Path, quantization: str | None = None, dtype
         raise FileNotFoundError(f"{cfg_path} is missing: pass model= (the base model the adapter was trained on)")
     base = models.load_model(name, quantization=quantization, dtype=dtype)
     tok = models.load_tokenizer(str(adapter_dir))
-    return PeftModel.from_pretrained(base, str(adapter_dir)), tok
+    with _quiet_peft():
+        return PeftModel.from_pretrained(base, str(adapter_dir)), tok
 
 
 # ------------------------------------------------------------------------------------------- memory planner
@@ -447,6 +459,8 @@ def _skeleton(config_or_model):
     from helpers import arch  # noqa: PLC0415 - arch sits below train in the import order
 
     if hasattr(config_or_model, "named_modules"):
+        if getattr(config_or_model, "is_loaded_in_4bit", False) or getattr(config_or_model, "is_loaded_in_8bit", False):
+            return arch.meta_model(config_or_model.config), config_or_model.config  # packed weights miscount numel()
         return config_or_model, config_or_model.config
     config = arch.load_config(config_or_model) if isinstance(config_or_model, str) else config_or_model
     return arch.meta_model(config), config
@@ -495,8 +509,9 @@ def estimate_memory(
     Linear layers (not the head) at `quantization` (bitsandbytes formats, helpers.quant), everything else at
     `dtype`. LoRA parameters, gradients and optimizer state are per trainable parameter (`adapter_dtype`: TRL
     keeps adapters in bf16 for quantized models, else fp32). Activations: per token per layer, the tensors
-    saved for backward (no checkpointing), or only each layer's input plus one layer recomputed
-    (checkpointing); the fused LM head works on ≤ 32768 vocabulary columns at a time in fp32.
+    saved for backward (no checkpointing; checked against torch's saved-tensor hooks on SmolLM2 to within a
+    few %), or only each layer's input plus one layer recomputed (checkpointing); backward needs about one
+    layer's worth more; the fused LM head works on ≤ 32768 vocabulary columns at a time in fp32.
     `overhead_bytes`: what the process holds anyway (CUDA context, the Python/torch runtime on CPU).
     """
     model, config = _skeleton(config_or_model)
@@ -526,6 +541,7 @@ def estimate_memory(
         activations = layers * tokens * config.hidden_size * act_bytes + per_layer
     else:
         activations = layers * per_layer
+    backward = per_layer  # gradients flowing back through one layer are about the size of what it saved
     vocab = model.get_output_embeddings().weight.shape[0]
     head = tokens * config.hidden_size * 4 * 2 + tokens * min(vocab, LOGIT_CHUNK) * 4 * 2  # fp32 hidden + logit tiles
     parts = {
@@ -534,6 +550,7 @@ def estimate_memory(
         "gradients": n_lora * p_bytes,
         "optimizer_state": n_lora * opt,
         "activations": activations,
+        "backward_working_set": backward,
         "lm_head_working_set": head,
         "overhead": overhead_bytes,
     }

@@ -121,6 +121,21 @@ def test_stale_targets_raise_before_training(tmp_path, tiny):
         train.build_trainer(cfg_for(tmp_path, lora_targets=["Wqkv", "out_proj", "fc1", "fc2"]), model, tok, task_ds(4))
 
 
+@pytest.mark.slow
+def test_qlora_on_cpu_generate_then_train_keeps_gradients(tmp_path, tiny_dir):
+    """The bitsandbytes CPU repack bug: generating with a 4-bit model before training must not starve LoRA."""
+    model = models.load_model(str(tiny_dir), quantization="nf4", dtype="float32", device="cpu")
+    tok = models.load_tokenizer(str(tiny_dir))
+    recs = list(task_ds(2, split="heldout"))
+    train.evaluate_task(model, tok, recs, max_new_tokens=3)  # eval-mode generation first (train.generate guards it)
+    cfg = cfg_for(tmp_path, quantization="nf4", max_steps=1, per_device_train_batch_size=2)
+    res = train.train(cfg, model=model, tokenizer=tok, train_ds=task_ds(4))
+    report = res.metrics["gradient_check"]
+    assert report["zero"] == [] and report["n_tensors"] == 2 * 6 * model.config.num_hidden_layers
+    est = train.estimate_memory(model, quantization="nf4", lora_r=4)  # a loaded 4-bit model: counted from its config
+    assert est.assumptions["n_params"] == sum(p.numel() for p in models.load_model(str(tiny_dir)).parameters())
+
+
 def test_eval_loop_refused_for_4bit_on_cpu(tmp_path, tiny_dir):
     model = models.load_model(str(tiny_dir), quantization="nf4", dtype="float32", device="cpu")
     tok = models.load_tokenizer(str(tiny_dir))
