@@ -1,0 +1,362 @@
+"""helpers.sft, configs/ and the GPU lane.
+
+Fast: recipes and accelerate configs parse, overrides, complete-vs-partial checkpoints, per-rank memory and
+communication arithmetic, the GPU workflow. Slow (real runs of `python -m helpers.sft`, each in subprocesses):
+- 2 processes (accelerate + torchrun, gloo) on the real SmolLM2-135M vs 1 process with the same global batch
+  (2 ranks × 2 sequences = 1 process × 2 sequences × 2 accumulation steps): same batches, same losses, same adapter;
+- kill -9 after a checkpoint, rerun the same command: the final adapter and loss history equal the uninterrupted run;
+- SIGTERM mid-run: a checkpoint at the current step, exit 143, rerun resumes from it to the same result (tiny Phi);
+- `accelerate launch --cpu --num_processes 2` (which starts ONE process) is refused.
+GPU (skipped without CUDA, saying why; `make test-gpu` runs them): QLoRA step time / tokens/s / peak memory,
+NF4 vs bf16, and 2-GPU DDP vs 1 GPU.
+
+Tolerances: ranks vs one process and resumed vs uninterrupted agree to |Δloss| ≤ 1e-5 and max |Δw| ≤ 1e-6 on CPU
+in fp32 (measured here: exactly 0 for both — DDP's gradient average of 2 ranks equals accumulation over 2
+micro-batches bit for bit, and a resumed run restores optimizer, scheduler, RNG and data order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import data, env, sft, train
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+RECIPE = str(CONFIGS / "sft_cpu_smollm2.yaml")
+CPU_2PROC = str(CONFIGS / "accelerate" / "cpu_2proc.yaml")
+# The CPU runs: GPUs hidden (on the GPU lane too: these test the gloo path), one thread per process (the 2-process
+# run gets one core each, and both runs use the same CPU kernels), offline.
+RUN_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+GPU_ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # the GPU lane: GPUs visible, hub allowed by make test-gpu
+LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-6
+CUDA = torch.cuda.is_available()
+NO_CUDA = "no CUDA GPU here: the GPU lane runs on a GPU runner (make test-gpu, .github/workflows/gpu.yml)"
+
+# Small but real: SmolLM2-135M, 4 optimizer steps of global batch 4, sequences ≤ 99 tokens (none truncated), LoRA
+# r=2 on q/v, no dropout (the 2-process run and the 1-process run then draw no random numbers differently).
+SMALL = ["lora_r=2", "lora_alpha=4", "lora_dropout=0.0", "lora_targets=[q_proj,v_proj]", "max_steps=4",
+         "per_device_train_batch_size=2", "learning_rate=1.0e-3", "lr_scheduler_type=constant", "warmup_steps=0",
+         "max_length=128", "logging_steps=1", "save_steps=2", "eval_samples=0"]
+TINY = ["model=tiny-phi", "lora_r=4", "lora_alpha=8", "lora_dropout=0.1", "max_steps=40",
+        "per_device_train_batch_size=2", "max_length=192", "logging_steps=1", "save_steps=5", "save_total_limit=3",
+        "eval_samples=0", "gradient_check=false"]
+
+
+def sft_cmd(*sets: str, resume: str = "auto") -> list[str]:
+    return [sys.executable, "-m", "helpers.sft", "--config", RECIPE, "--resume", resume, "--set", *sets]
+
+
+def launch_cmd(accelerate_config: str, *sets: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+            "-m", "helpers.sft", "--config", RECIPE, "--set", *sets]
+
+
+def run(cmd: list[str], timeout: float = 600, environ: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=environ or RUN_ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd[-12:])} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc, time.perf_counter() - t0
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def ranks(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank*.json"))]
+
+
+def record(name: str, values: dict) -> None:
+    """Keep measured numbers for the docs: build/test_sft/<name>.json."""
+    train.write_json(env.build_dir("test_sft") / f"{name}.json", values)
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    """64 records of the course's task (the real data generator, seeded), as a JSONL training file."""
+    return data.write_jsonl(data.make_task_records(0, n_train=64, n_heldout=1)["train"],
+                            tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, task_file) -> dict:
+    """The reference: one process, 2 sequences × 2 accumulation steps per optimizer step, uninterrupted."""
+    out = tmp_path_factory.mktemp("one_process")
+    _, seconds = run(sft_cmd(*SMALL, "gradient_accumulation_steps=2", f"data_file={task_file}", f"output_dir={out}"))
+    return {"out": out, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------------------- fast
+
+
+def test_recipes_are_train_configs_and_fit_their_gpus():
+    cpu, _ = sft.load_recipe(CONFIGS / "sft_cpu_smollm2.yaml")
+    t4, _ = sft.load_recipe(CONFIGS / "sft_phi2_qlora_t4.yaml")
+    a100, _ = sft.load_recipe(CONFIGS / "sft_phi2_qlora_a100.yaml")
+    assert (cpu.model, cpu.quantization) == ("smollm2-135m", None)
+    assert (t4.model, t4.quantization, a100.quantization) == ("phi-2", "nf4", "nf4")
+    assert t4.dtype is None and a100.dtype is None  # the card decides: fp16 on a T4, bf16 on an A100
+    for cfg, budget in ((t4, 15.0), (a100, 40.0)):  # usable GiB
+        est = train.estimate_memory("phi-2", quantization=cfg.quantization, dtype="bfloat16", lora_r=cfg.lora_r,
+                                    lora_targets=cfg.lora_targets, batch_size=cfg.per_device_train_batch_size,
+                                    seq_len=cfg.max_length, activation_checkpointing=cfg.activation_checkpointing,
+                                    optimizer=cfg.optimizer, double_quant=cfg.double_quant, overhead_bytes=0.5 * 2**30)
+        assert est.fits(budget), (cfg.output_dir, est.gib())
+        assert est.total > 2 * 2**30  # Phi-2's NF4 weights alone are ~1.8 GiB: the planner is not trivially small
+
+
+def test_overrides_launch_options_and_unknown_keys():
+    cfg, launch = sft.load_recipe(RECIPE, ["max_steps=7", "lora_targets=[q_proj, v_proj]", "launch.quant_storage=bfloat16"])
+    assert cfg.max_steps == 7 and cfg.lora_targets == ["q_proj", "v_proj"] and launch == {"quant_storage": "bfloat16"}
+    assert sft.parse_override("dtype=null") == ("dtype", None)
+    with pytest.raises(ValueError, match="did you mean.*max_steps"):
+        sft.load_recipe(RECIPE, ["max_step=3"])
+    with pytest.raises(ValueError, match="unknown launch option"):
+        sft.load_recipe(RECIPE, ["launch.zero_stage=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        sft.parse_override("max_steps")
+
+
+def _fake_checkpoint(folder: Path, skip: str = "", state: str = '{"global_step": 1}') -> None:
+    folder.mkdir(parents=True)
+    for name in (*sft.CHECKPOINT_FILES, "rng_state.pth"):
+        if name != skip:
+            (folder / name).write_text(state if name == "trainer_state.json" else "x")
+
+
+def test_last_complete_checkpoint_skips_what_a_kill_cut_short(tmp_path):
+    root = tmp_path / train.CHECKPOINT_DIR
+    assert sft.last_complete_checkpoint(tmp_path) is None
+    _fake_checkpoint(root / "checkpoint-2")
+    _fake_checkpoint(root / "checkpoint-10")
+    _fake_checkpoint(root / "checkpoint-12", skip="trainer_state.json")  # killed while saving
+    _fake_checkpoint(root / "checkpoint-14", state='{"global_st')         # truncated state file
+    assert sft.last_complete_checkpoint(tmp_path) == root / "checkpoint-10"  # numeric order, not text order
+    cfg, _ = sft.load_recipe(RECIPE, [f"output_dir={tmp_path}"])
+    assert sft.resolve_resume(cfg, "auto") == str(root / "checkpoint-10")
+    assert sft.resolve_resume(cfg, "never") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        sft.resolve_resume(cfg, str(root / "checkpoint-12"))
+
+
+def test_launcher_guard_reads_accelerates_single_process_signature():
+    sft.check_launcher({})  # plain python: fine
+    sft.check_launcher({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "False"})  # torchrun
+    with pytest.raises(SystemExit, match="cpu_2proc.yaml"):
+        sft.check_launcher({"MASTER_ADDR": "127.0.0.1", "ACCELERATE_USE_CPU": "True"})
+
+
+def test_accelerate_configs_parse_and_say_when_to_use_them():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    expected = {"cpu_2proc": "MULTI_GPU", "ddp_multi_gpu": "MULTI_GPU", "fsdp_qlora": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
+    for name, kind in expected.items():
+        path = CONFIGS / "accelerate" / f"{name}.yaml"
+        cfg = ClusterConfig.from_yaml_file(path)  # accelerate's own parser: unknown keys raise
+        assert str(cfg.distributed_type).endswith(kind), (name, cfg.distributed_type)
+        assert cfg.num_processes >= 2 and cfg.use_cpu is False
+        assert "when to use" in path.read_text().lower(), f"{name}: say when to use it"
+    fsdp = ClusterConfig.from_yaml_file(CONFIGS / "accelerate" / "fsdp_qlora.yaml").fsdp_config
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_use_orig_params"] is False
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True
+    assert ClusterConfig.from_yaml_file(CONFIGS / "accelerate" / "deepspeed_zero3.yaml").deepspeed_config["zero_stage"] == 3
+
+
+def test_per_rank_memory_and_communication_arithmetic():
+    est = train.estimate_memory("phi-2", quantization="nf4", dtype="bfloat16", lora_r=16, batch_size=4, seq_len=256,
+                                activation_checkpointing=True)
+    units = sft._unit_bytes("phi-2", "nf4", "bfloat16")
+    assert 30e6 < units["layer"] < 60e6  # one Phi-2 layer: 78.7M weights, 4-bit linear → ~40 MB
+    assert units["root"] > units["layer"]  # embedding + head (2 × 51200 × 2560 in bf16) outweigh a 4-bit layer
+    single = sft.per_rank_memory(est, "single", 1)
+    ddp = sft.per_rank_memory(est, "ddp", 4)
+    fsdp = sft.per_rank_memory(est, "fsdp", 4, unit_bytes=units["root"])
+    assert single["total"] == pytest.approx(est.total) and ddp["total"] == pytest.approx(est.total)  # DDP replicates
+    assert fsdp["weights"] == pytest.approx(est.parts["weights"] / 4)
+    assert fsdp["activations"] == est.parts["activations"]  # each rank's own batch
+    assert fsdp["total"] < ddp["total"]
+    assert sft.communication_bytes(est, "ddp", 4) == pytest.approx(1.5 * est.parts["gradients"])  # 2(N-1)/N
+    assert sft.communication_bytes(est, "fsdp", 4) > 20 * sft.communication_bytes(est, "ddp", 4)  # weights travel
+    assert sft.communication_bytes(est, "ddp", 1) == 0
+    with pytest.raises(ValueError):
+        sft.per_rank_memory(est, "zero2", 2)
+
+
+def test_gpu_workflow_runs_make_test_gpu_on_a_self_hosted_gpu_runner():
+    import yaml
+
+    wf = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu.yml").read_text())
+    job = wf["jobs"]["test-gpu"]
+    assert {"self-hosted", "gpu"} <= set(job["runs-on"])
+    assert any(step.get("run", "").strip() == "make test-gpu" for step in job["steps"])
+
+
+# ------------------------------------------------------------------------------------------- slow, real runs
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_match_one_process(tmp_path, task_file, one_process):
+    """accelerate launch, 2 CPU processes (gloo), SmolLM2-135M: both ranks train on different halves of each batch."""
+    out = tmp_path / "two_processes"
+    _, seconds = run(launch_cmd(CPU_2PROC, *SMALL, f"data_file={task_file}", f"output_dir={out}"))
+    r0, r1 = ranks(out)
+    ref = ranks(one_process["out"])[0]
+    assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
+    assert r0["backend"] == "gloo" and r0["distributed_type"] == "MULTI_CPU"
+    assert r0["forward_calls"] == r1["forward_calls"] == 4 and r0["sequences"] == r1["sequences"] == 8
+    assert all(a != b for a, b in zip(r0["batch_digests"], r1["batch_digests"], strict=True)), "ranks saw the same batch"
+    # the one process saw exactly the two ranks' micro-batches, interleaved: rank 0's, rank 1's, rank 0's, ...
+    assert ref["batch_digests"] == [d for pair in zip(r0["batch_digests"], r1["batch_digests"], strict=True) for d in pair]
+    assert r0["adapter_sha256"] == r1["adapter_sha256"], "DDP ranks ended with different adapters"
+    m2, m1 = metrics(out), metrics(one_process["out"])
+    assert m2["launch"]["world_size"] == 2 and m2["steps"] == m1["steps"] == 4
+    loss_diff = max(abs(a - b) for a, b in zip(m2["loss_history"]["loss"], m1["loss_history"]["loss"], strict=True))
+    weight_diff = max_weight_diff(adapter(out), adapter(one_process["out"]))
+    record("two_processes", {"seconds_two_processes": round(seconds, 1), "seconds_one_process": round(one_process["seconds"], 1),
+                             "max_loss_diff": loss_diff, "max_weight_diff": weight_diff,
+                             "loss_two": m2["loss_history"]["loss"], "loss_one": m1["loss_history"]["loss"]})
+    assert loss_diff <= LOSS_TOL and weight_diff <= WEIGHT_TOL, (loss_diff, weight_diff)
+    assert m2["final_loss"] < m2["first_loss"]
+    assert (out / "checkpoints" / "checkpoint-4" / "rng_state_1.pth").exists()  # per-rank RNG state for resume
+    assert seconds < 180, f"the 2-process run took {seconds:.0f} s (budget ~3 min)"
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_checkpoint_then_resume_equals_uninterrupted(tmp_path, task_file, one_process):
+    """SIGKILL (no chance to clean up) once checkpoint-2 is complete; the same command again finishes the run."""
+    out = tmp_path / "killed"
+    sets = (*SMALL, "gradient_accumulation_steps=2", f"data_file={task_file}", f"output_dir={out}")
+    proc = subprocess.Popen(sft_cmd(*sets), cwd=ROOT, env=RUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 400
+        while not sft.checkpoint_complete(out / "checkpoints" / "checkpoint-2"):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.time() < deadline, "no checkpoint within 400 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()  # it really died mid-run
+    done, _ = run(sft_cmd(*sets))  # the same command again
+    assert "resuming from" in done.stdout and "checkpoint-" in done.stdout
+    m, ref = metrics(out), metrics(one_process["out"])
+    assert Path(m["launch"]["resumed_from"]).name in ("checkpoint-2", "checkpoint-4")
+    assert m["steps"] == ref["steps"] == 4
+    loss_diff = max(abs(a - b) for a, b in zip(m["loss_history"]["loss"], ref["loss_history"]["loss"], strict=True))
+    weight_diff = max_weight_diff(adapter(out), adapter(one_process["out"]))
+    record("kill9_resume", {"resumed_from": m["launch"]["resumed_from"], "max_loss_diff": loss_diff,
+                            "max_weight_diff": weight_diff})
+    assert loss_diff <= LOSS_TOL and weight_diff <= WEIGHT_TOL, (loss_diff, weight_diff)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_resumes_to_the_same_adapter(tmp_path, task_file):
+    """A polite interruption (what a scheduler or preemptible VM sends): checkpoint now, exit 143, resume later.
+
+    Tiny Phi (code path only) with LoRA dropout 0.1, so the resumed run must also restore the RNG state.
+    """
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    sets = (*TINY, f"data_file={task_file}")
+    run(sft_cmd(*sets, f"output_dir={ref_out}"))
+    proc = subprocess.Popen(sft_cmd(*sets, f"output_dir={out}"), cwd=ROOT, env=RUN_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 300
+        while not sft.checkpoint_complete(out / "checkpoints" / "checkpoint-5"):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stdout
+    assert "interrupted — SIGTERM at step" in stdout
+    step = int(stdout.split("SIGTERM at step ")[1].split(":")[0])
+    assert 5 <= step < 40
+    assert sft.last_complete_checkpoint(out).name == f"checkpoint-{step}"  # saved at the step it was told to stop
+    assert not (out / "adapter").exists()
+    run(sft_cmd(*sets, f"output_dir={out}"))
+    m, ref = metrics(out), metrics(ref_out)
+    assert m["launch"]["resumed_from"].endswith(f"checkpoint-{step}") and m["steps"] == 40
+    loss_diff = max(abs(a - b) for a, b in zip(m["loss_history"]["loss"], ref["loss_history"]["loss"], strict=True))
+    weight_diff = max_weight_diff(adapter(out), adapter(ref_out))
+    record("sigterm_resume", {"stopped_at_step": step, "max_loss_diff": loss_diff, "max_weight_diff": weight_diff})
+    assert loss_diff <= LOSS_TOL and weight_diff <= WEIGHT_TOL, (loss_diff, weight_diff)
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_flag_single_process_is_refused():
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); helpers.sft says so and stops."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "helpers.sft", "--config", RECIPE, "--print-config"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=RUN_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "started ONE" in proc.stderr and "cpu_2proc.yaml" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- GPU lane
+
+
+def _gpu_run(tmp_path: Path, name: str, *sets: str) -> dict:
+    from helpers import models
+
+    model = models.resolve_model("auto", verbose=False)  # phi-2 with the hub, else the offline SmolLM2
+    recipe = "sft_phi2_qlora_a100.yaml" if env.choose_device().dtype_name == "bfloat16" else "sft_phi2_qlora_t4.yaml"
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "helpers.sft", "--config", str(CONFIGS / recipe), "--set", f"model={model}",
+           "max_steps=20", "logging_steps=2", "save_steps=10", "eval_samples=0", f"output_dir={out}", *sets]
+    run(cmd, timeout=1800, environ=GPU_ENV)
+    m = metrics(out)
+    return {"model": model, "recipe": recipe, "quantization": m["config"]["quantization"], "dtype": m["dtype"],
+            "seconds_per_step": m["seconds_per_step"], "tokens_per_second": m["tokens_per_second"],
+            "peak_gib": round(m["peak_memory"]["peak_bytes"] / 2**30, 2), "first_loss": m["first_loss"],
+            "final_loss": m["final_loss"], "device_name": env.choose_device().name}
+
+
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_gpu_qlora_nf4_vs_bf16_step_time_and_memory(tmp_path):
+    nf4 = _gpu_run(tmp_path, "nf4")
+    full = _gpu_run(tmp_path, "bf16", "quantization=null", "optimizer=adamw_torch")
+    record("gpu_lane", {"nf4": nf4, "16bit": full})
+    assert nf4["dtype"] == env.choose_device().dtype_name  # bf16 on Ampere+, fp16 on a T4
+    for r in (nf4, full):
+        assert r["final_loss"] < r["first_loss"] and r["seconds_per_step"] > 0 and r["peak_gib"] > 0
+    assert nf4["peak_gib"] < full["peak_gib"], (nf4, full)  # 4-bit base weights must use less memory
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (DDP across GPUs); " + NO_CUDA)
+def test_gpu_two_gpu_ddp_matches_one_gpu(tmp_path, task_file):
+    sets = [*SMALL, "model=smollm2-135m", f"data_file={task_file}"]
+    run(sft_cmd(*sets, "gradient_accumulation_steps=2", f"output_dir={tmp_path / 'one'}"), environ=GPU_ENV)
+    run(launch_cmd(str(CONFIGS / "accelerate" / "ddp_multi_gpu.yaml"), *sets, f"output_dir={tmp_path / 'two'}"),
+        environ=GPU_ENV)
+    r0, r1 = ranks(tmp_path / "two")
+    assert r0["backend"] == "nccl" and r0["world_size"] == 2 and r0["adapter_sha256"] == r1["adapter_sha256"]
+    a, b = metrics(tmp_path / "one")["loss_history"]["loss"], metrics(tmp_path / "two")["loss_history"]["loss"]
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-2  # bf16/TF32 kernels: not bit-exact on GPU
