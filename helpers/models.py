@@ -127,11 +127,14 @@ def load_model(
     dtype: str | None = None,
     device: str | None = None,
     double_quant: bool = False,
+    quant_storage: str = "uint8",
     **kwargs,
 ):
     """Load a causal LM by registry name, hub id or path; quantization None | 'nf4' | 'fp4' | 'int8' (bitsandbytes).
 
     dtype defaults to the hardware's choice (bf16 / fp16 on CUDA, fp32 on CPU) and is also the 4-bit compute dtype.
+    quant_storage: the dtype 4-bit weights are packed in ("uint8"; a float dtype for FSDP / ZeRO-3 sharding).
+    An explicit device_map (even None, as FSDP / ZeRO-3 want) is passed through and the model is not moved.
     """
     for old, new in _STALE_KWARGS.items():
         if old in kwargs:
@@ -141,7 +144,7 @@ def load_model(
     choice = env.choose_device(device or "auto")
     dtype_name = dtype or choice.dtype_name
     path = model_path(name_or_path)
-    qconfig = bnb_config(quantization, compute_dtype=dtype_name, double_quant=double_quant)
+    qconfig = bnb_config(quantization, compute_dtype=dtype_name, double_quant=double_quant, quant_storage=quant_storage)
     args = dict(dtype=_torch_dtype(dtype_name), **kwargs)
     if qconfig is not None:
         args["quantization_config"] = qconfig
@@ -150,7 +153,7 @@ def load_model(
         args.setdefault("token", env.hf_token())
     with _friendly_hub_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, **args)
-    if qconfig is None and choice.device == "cuda":
+    if qconfig is None and choice.device == "cuda" and "device_map" not in kwargs:
         model = model.to("cuda")
     model.config.use_cache = kwargs.get("use_cache", True)
     return model

@@ -30,8 +30,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import env
-
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
 LAUNCH_KEYS = {"quant_storage"}  # recipe keys for the launcher, not TrainConfig fields (under `launch:`)
 STRATEGIES = ("single", "ddp", "fsdp", "zero3")
@@ -296,15 +294,9 @@ def load_model_for_launch(cfg, launch_opts: Mapping, launch: Launch):
         return None
     torch.cuda.set_device(launch.local_rank)
     _, dtype = _device_dtype(cfg)
-    if storage:
-        from transformers import AutoModelForCausalLM
-
-        from helpers import quant
-
-        qconfig = quant.bnb_config(cfg.quantization, compute_dtype=dtype, double_quant=cfg.double_quant,
-                                   quant_storage=storage)
-        return AutoModelForCausalLM.from_pretrained(models.model_path(cfg.model), quantization_config=qconfig,
-                                                    dtype=getattr(torch, dtype), token=env.hf_token())
+    if storage:  # sharded 4-bit weights: a float storage dtype and no device_map (the launcher places shards)
+        return models.load_model(cfg.model, quantization=cfg.quantization, dtype=dtype, double_quant=cfg.double_quant,
+                                 quant_storage=storage, device_map=None)
     return models.load_model(cfg.model, quantization=cfg.quantization, dtype=dtype, double_quant=cfg.double_quant,
                              device_map={"": launch.local_rank})
 
