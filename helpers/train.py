@@ -216,7 +216,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds=None, ca
         if long:
             warnings.warn(f"{long} of {len(train_fmt)} training examples are longer than max_length={cfg.max_length}: "
                           "their end, EOS included, is cut off (see helpers.data.suggest_max_length)", stacklevel=2)
-    eval_fmt = data.format_dataset(eval_ds, tokenizer) if eval_ds is not None else None
+    eval_fmt = data.format_dataset(eval_ds, tokenizer) if evaluate else None
     model.config.use_cache = False  # no KV cache while training (re-enabled for generation by train())
     grad_check = [GradientCheckCallback()] if cfg.gradient_check else []
     with _quiet_peft():
@@ -224,7 +224,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds=None, ca
             model=model,
             args=sft_config(cfg, device, dtype, evaluate),
             train_dataset=train_fmt,
-            eval_dataset=eval_fmt if evaluate else None,
+            eval_dataset=eval_fmt,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=[*grad_check, *callbacks],
