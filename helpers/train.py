@@ -151,6 +151,8 @@ def sft_config(cfg: TrainConfig, device: str = "cpu", dtype: str = "float32", ev
         eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps or None,
         report_to="none",
+        include_num_input_tokens_seen="non_padding",  # kept in the checkpoint: token counts survive a resume
+        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; skip DDP's extra graph walk
         disable_tqdm=False,  # tqdm.auto progress bars (text in a terminal, a widget in Jupyter)
     )
 
@@ -357,9 +359,11 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
         output = trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - t0
     adapter_dir = out / ADAPTER_DIR
-    trainer.model.save_pretrained(adapter_dir)  # adapter_model.safetensors + adapter_config.json
-    tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    main_process = trainer.args.should_save  # several ranks: only the main one writes files
+    if main_process:
+        trainer.model.save_pretrained(adapter_dir)  # adapter_model.safetensors + adapter_config.json
+        tokenizer.save_pretrained(adapter_dir)
+        (adapter_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     model = trainer.model
     model.config.use_cache = True
@@ -370,7 +374,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
 
     hist = loss_history(trainer)
     logs = trainer.state.log_history
-    tokens = max((h.get("num_tokens", 0) for h in logs), default=0)
+    tokens = trainer.state.num_input_tokens_seen or max((h.get("num_tokens", 0) for h in logs), default=0)
+    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # this run only (after a resume)
     metrics = {
         "config": cfg.to_dict(),
         "model": cfg.model,
@@ -383,7 +388,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
         "train_seconds": round(seconds, 2),
         "train_runtime": output.metrics.get("train_runtime"),
         "train_tokens": tokens,
-        "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds else None,
+        "tokens_per_second": round(session_tokens / seconds, 1) if session_tokens and seconds else None,
         "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 3),
         "peak_memory": {"device": mem.device, "kind": "max_allocated" if mem.device == "cuda" else "rss",
                         "peak_bytes": mem.peak_bytes, "start_bytes": mem.start_bytes},
@@ -395,8 +400,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
         "adapter_dir": str(adapter_dir),
         **dict(extra_metrics or {}),
     }
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "env.json", env.env_report(device))
+    if main_process:
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "env.json", env.env_report(device))
     return TrainResult(trainer, model, tokenizer, metrics, adapter_dir, before, after)
 
 
