@@ -71,3 +71,17 @@ def test_paths_follow_environment_overrides(tmp_path, monkeypatch):
 def test_memory_info_is_plausible():
     info = env.memory_info()
     assert 0 < info["ram_available_gib"] <= info["ram_total_gib"] < 10_000
+
+
+def test_set_cpu_threads_honours_request_and_load(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert env.set_cpu_threads(1) == (1, "as asked") and torch.get_num_threads() == 1
+        monkeypatch.setattr(env.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+        n, why = env.set_cpu_threads()
+        assert n == 1 and "busy" in why  # every core busy: one thread, not zero
+        monkeypatch.setattr(env.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        torch.set_num_threads(before)
+        assert env.set_cpu_threads()[0] == min(before, env.os.cpu_count())
+    finally:
+        torch.set_num_threads(before)
