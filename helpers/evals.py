@@ -1,0 +1,348 @@
+"""Evaluation: multiple-choice scoring by log-likelihood (lm-evaluation-harness semantics), intervals, paired tests.
+
+How lm-eval 0.4.13 scores a multiple-choice item (and how :func:`score_mc` does, step for step):
+
+1. For each choice it asks for log P(continuation | context) with continuation = target_delimiter (" ") + choice.
+2. Trailing whitespace of the context moves to the continuation; context + continuation is tokenized as one
+   string and split after the context's tokens (so the boundary tokenizes naturally).
+3. The model sees (context + continuation)[:-1] (left-truncated to the model's max length + 1); the
+   continuation's log-probs are summed.
+4. ``acc``: the choice with the highest summed log-prob is the prediction. ``acc_norm``: the same after dividing
+   each sum by the choice's length in characters (without the delimiter), which removes the bias to short answers.
+
+Also here: the committed benchmark slices (``data/benchmarks/``), chance rates, Wilson and bootstrap
+intervals, McNemar's exact test and a paired bootstrap for base vs fine-tuned, and :func:`lm_eval_mc`, which
+runs the real lm-eval on the same items for a cross-check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from helpers import env
+
+BENCHMARK_DIR = env.DATA_DIR / "benchmarks"
+TASK_YAML_DIR = BENCHMARK_DIR / "lm_eval_tasks"
+TASKS = ("arc_easy", "arc_challenge", "boolq", "piqa", "hellaswag", "mmlu")
+TASK_LABELS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "boolq": "BoolQ", "piqa": "PIQA",
+               "hellaswag": "HellaSwag", "mmlu": "MMLU"}
+ITEM_KEYS = ("id", "task", "source_id", "context", "choices", "gold")
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer states a context length
+TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def load_benchmark(task: str, n: int | None = None, folder: str | Path = BENCHMARK_DIR) -> list[dict]:
+    """The first `n` items (all if None) of a committed slice, validated against the normalised schema."""
+    path = Path(folder) / f"{task}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; regenerate with: python data/benchmarks/make_slices.py")
+    items = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if n is not None and len(items) >= n:
+                break
+            items.append(validate_item(json.loads(line)))
+    return items
+
+
+def validate_item(item: dict) -> dict:
+    """Raise ValueError unless `item` has a non-empty context, >= 2 string choices and a gold index among them."""
+    missing = [k for k in ("context", "choices", "gold") if k not in item]
+    if missing:
+        raise ValueError(f"item {item.get('id', '?')} lacks {missing}")
+    choices, gold = item["choices"], item["gold"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"item {item.get('id', '?')}: choices must be >= 2 non-empty strings, got {choices!r}")
+    if not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise ValueError(f"item {item.get('id', '?')}: gold {gold!r} is not an index into {len(choices)} choices")
+    return item
+
+
+def chance_rate(items: Sequence[dict]) -> float:
+    """Expected accuracy of guessing uniformly: the mean of 1 / (number of choices)."""
+    return sum(1.0 / len(it["choices"]) for it in items) / len(items)
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def encode_pair(tokenizer, context: str, continuation: str, move_whitespace: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation) exactly as lm-eval's HFLM splits them (see the module docstring).
+
+    move_whitespace=False keeps the context's trailing whitespace (e.g. a chat template's newline) in the
+    context: the split a trainer uses between prompt and completion.
+    """
+    if not context:
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return ([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip()) if move_whitespace else 0
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    return ctx, whole[len(ctx):]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    """tokenizer.encode with its default special tokens, except none when the text already starts with BOS."""
+    prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix = tokenizer.decode(prefix_id) if prefix_id is not None else None
+    kwargs = {"add_special_tokens": False} if prefix and text.startswith(prefix) else {}
+    return tokenizer.encode(text, **kwargs)
+
+
+def max_length(model, tokenizer) -> int:
+    """The context length lm-eval assumes: config n_positions / max_position_embeddings / n_ctx, else tokenizer."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit != TOKENIZER_INFINITY else DEFAULT_MAX_LENGTH
+
+
+def continuation_logprobs(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 4,
+                          softmax_dtype=None, progress: bool = False) -> list[tuple[float, bool]]:
+    """For each (context, continuation): (summed log-prob of the continuation, whether greedy decoding yields it).
+
+    Requests whose model input is identical (e.g. MMLU's one-token answers " A".." D" after the same question)
+    share one forward pass, as lm-eval's logits cache does. Inputs are sorted longest first and right-padded in
+    batches: padding after the last real token cannot change a causal model's earlier outputs.
+    `softmax_dtype` None keeps the logits' dtype, like lm-eval.
+    """
+    pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
+    return token_logprobs(model, pairs, max_length(model, tokenizer), batch_size, softmax_dtype, progress)
+
+
+def token_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], limit: int, batch_size: int = 4,
+                   softmax_dtype=None, progress: bool = False) -> list[tuple[float, bool]]:
+    """The engine of continuation_logprobs on token ids: [(summed log-prob of cont, is greedy)] per (ctx, cont)."""
+    import torch
+
+    from helpers.bench import eval_mode
+
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if not cont or len(cont) > limit:
+            raise ValueError(f"request {i}: continuation has {len(cont)} tokens (must be 1..{limit})")
+        inp = tuple((list(ctx) + list(cont))[-(limit + 1):][:-1])  # the model predicts token t+1 from tokens <= t
+        groups.setdefault(inp, []).append((i, list(cont)))
+    inputs = sorted(groups, key=len, reverse=True)
+    batches = [inputs[k:k + batch_size] for k in range(0, len(inputs), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="log-likelihoods", leave=False)
+    device = next(model.parameters()).device
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    # eval mode (dropout off; Phi has resid_pdrop 0.1) as lm-eval does, 4-bit-on-CPU safe (helpers.bench)
+    with torch.no_grad(), eval_mode(model):
+        for batch in batches:
+            width = len(batch[0])
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, inp in enumerate(batch):
+                ids[row, :len(inp)] = torch.tensor(inp)
+                mask[row, :len(inp)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row, inp in enumerate(batch):
+                for i, cont in groups[inp]:
+                    # the logits at positions len(inp)-len(cont) .. len(inp)-1 predict the continuation's tokens
+                    sl = logits[row, len(inp) - len(cont):len(inp)]
+                    logp = torch.log_softmax(sl, dim=-1, dtype=softmax_dtype)
+                    target = torch.tensor(cont, device=logp.device)
+                    greedy = bool((logp.argmax(-1) == target).all())
+                    out[i] = (float(logp.gather(-1, target[:, None]).sum()), greedy)
+    return out  # type: ignore[return-value]
+
+
+def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 4) -> dict:
+    """Held-out loss on completions only: summed and mean NLL (nats/token) of each completion given its prompt.
+
+    As TRL 1.16's SFT does: prompt + completion is tokenized as one string (no extra special tokens) and every
+    token from where it diverges from the tokenized prompt on is scored (so a token that merges across the
+    boundary counts as completion). Returns nll_sum, n_tokens, mean_nll, perplexity (= exp(mean_nll)).
+    """
+    import torch
+
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError("need the same, non-zero number of prompts and completions")
+    pairs = []
+    for p, c in zip(prompts, completions, strict=True):
+        ctx = tokenizer.encode(p, add_special_tokens=False)
+        whole = tokenizer.encode(p + c, add_special_tokens=False)
+        k = 0  # TRL 1.16: the completion starts where the two token lists diverge (a merged boundary token counts)
+        while k < min(len(ctx), len(whole) - 1) and ctx[k] == whole[k]:
+            k += 1
+        pairs.append((whole[:k], whole[k:]))
+    res = token_logprobs(model, pairs, max_length(model, tokenizer), batch_size, softmax_dtype=torch.float32)
+    nll = -sum(ll for ll, _ in res)
+    n = sum(len(c) for _, c in pairs)
+    return {"nll_sum": nll, "n_tokens": n, "mean_nll": nll / n, "perplexity": math.exp(nll / n)}
+
+
+def mc_decision(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+    """(pred, pred_norm): argmax of the raw sums, and of the sums divided by len(choice) in characters."""
+    pred = max(range(len(lls)), key=lambda j: (lls[j], -j))  # ties → first index, like numpy.argmax
+    norm = [ll / len(c) for ll, c in zip(lls, choices, strict=True)]
+    pred_norm = max(range(len(norm)), key=lambda j: (norm[j], -j))
+    return pred, pred_norm
+
+
+def score_mc(model, tokenizer, items: Sequence[dict], batch_size: int = 4, delimiter: str = " ",
+             softmax_dtype=None, progress: bool = False, z: float = 1.96) -> dict:
+    """Score multiple-choice items like lm-eval: acc, acc_norm, their Wilson intervals, chance and per-item detail."""
+    items = [validate_item(it) for it in items]
+    if not items:
+        raise ValueError("score_mc needs at least one item")
+    requests = [(it["context"], delimiter + c) for it in items for c in it["choices"]]
+    flat = continuation_logprobs(model, tokenizer, requests, batch_size, softmax_dtype, progress)
+    per_item, k = [], 0
+    for it in items:
+        n_choices = len(it["choices"])
+        lls = [ll for ll, _ in flat[k:k + n_choices]]
+        k += n_choices
+        pred, pred_norm = mc_decision(lls, it["choices"])
+        per_item.append({"id": it.get("id"), "lls": lls, "pred": pred, "pred_norm": pred_norm, "gold": it["gold"],
+                         "correct": int(pred == it["gold"]), "correct_norm": int(pred_norm == it["gold"])})
+    n = len(per_item)
+    acc_k = sum(r["correct"] for r in per_item)
+    norm_k = sum(r["correct_norm"] for r in per_item)
+    return {"n": n, "acc": acc_k / n, "acc_ci": wilson_interval(acc_k, n, z),
+            "acc_norm": norm_k / n, "acc_norm_ci": wilson_interval(norm_k, n, z),
+            "chance": chance_rate(items), "per_item": per_item}
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion k/n (95% for z=1.96); stays inside [0, 1], sensible at 0 and n."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} must be between 0 and n={n}")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values: Sequence[float], stat: Callable | None = None, iters: int = 2000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat` (default: the mean) over resamples of `values`."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    stat = stat or np.mean
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(iters, len(x)))
+    reps = np.array([stat(x[row]) for row in idx])
+    alpha = (1 - level) / 2
+    return float(np.quantile(reps, alpha)), float(np.quantile(reps, 1 - alpha))
+
+
+def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
+    """McNemar's exact test on paired 0/1 outcomes: only the discordant items count; two-sided binomial p-value."""
+    if len(a) != len(b):
+        raise ValueError("paired outcomes must have the same length")
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    both = sum(1 for x, y in zip(a, b, strict=True) if x and y)
+    m = a_only + b_only
+    if m == 0:
+        p = 1.0
+    else:
+        tail = sum(math.comb(m, i) for i in range(min(a_only, b_only) + 1)) / 2**m
+        p = min(1.0, 2 * tail)
+    return {"n": len(a), "both": both, "a_only": a_only, "b_only": b_only, "neither": len(a) - both - m,
+            "diff": (b_only - a_only) / len(a) if len(a) else 0.0, "p_value": p}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """Mean of b - a over paired items, its percentile bootstrap interval, and a two-sided bootstrap p-value."""
+    import numpy as np
+
+    if len(a) != len(b):
+        raise ValueError("paired outcomes must have the same length")
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    rng = np.random.default_rng(seed)
+    reps = d[rng.integers(0, len(d), size=(iters, len(d)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    # p: how often the resampled difference lands on the other side of 0 (doubled, capped at 1)
+    p = 1.0 if d.mean() == 0 else min(1.0, 2 * float(np.mean(reps <= 0) if d.mean() > 0 else np.mean(reps >= 0)))
+    return {"diff": float(d.mean()), "ci": (float(np.quantile(reps, alpha)), float(np.quantile(reps, 1 - alpha))),
+            "p_value": p}
+
+
+def compare_paired(base: dict, tuned: dict, metric: str = "acc", seed: int = 0) -> dict:
+    """McNemar exact test + paired bootstrap for two score_mc results on the same items (tuned − base)."""
+    key = "correct" if metric == "acc" else "correct_norm"
+    ids_a, ids_b = [r["id"] for r in base["per_item"]], [r["id"] for r in tuned["per_item"]]
+    if ids_a != ids_b:
+        raise ValueError("the two results were not computed on the same items in the same order")
+    a = [r[key] for r in base["per_item"]]
+    b = [r[key] for r in tuned["per_item"]]
+    return {"metric": metric, "mcnemar": mcnemar_exact(a, b), "bootstrap": paired_bootstrap(a, b, seed=seed)}
+
+
+# ------------------------------------------------------------------------------------------- lm-eval
+
+
+def task_config(task: str) -> dict:
+    """The shipped lm-eval task YAML for a slice (data/benchmarks/lm_eval_tasks/slm_<task>.yaml) as a dict."""
+    import yaml
+
+    return yaml.safe_load((TASK_YAML_DIR / f"slm_{task}.yaml").read_text())
+
+
+def lm_eval_mc(model, tokenizer, items: Sequence[dict], task: str = "arc_easy", batch_size: int = 4,
+               quiet: bool = True) -> dict:
+    """Run lm-evaluation-harness itself (HFLM on this model object) on exactly `items`, using the shipped YAML.
+
+    Returns {"acc", "acc_norm", "lls": per-item lists of summed log-probs, "ids"} for comparison with score_mc.
+    A peft model is passed as its LoRA-injected base model (adapters active), which HFLM accepts.
+    quiet=True hides lm-eval's progress bars (they go to stderr); errors still raise.
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    import yaml
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    was_training = model.training
+    cfg = task_config(task)
+    name = f"slm_check_{task}"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "items.jsonl"
+        data.write_text("".join(json.dumps(validate_item(dict(it))) + "\n" for it in items), encoding="utf-8")
+        cfg.update(task=name, dataset_kwargs={"data_files": {"test": str(data)}})
+        cfg.pop("tag", None)
+        (Path(tmp) / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        quieter = contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext()
+        try:  # HFLM puts the model in eval mode; put it back as it was
+            with quieter:
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+                res = simple_evaluate(model=lm, tasks=[name], verbosity="ERROR", log_samples=True, bootstrap_iters=0,
+                                      task_manager=TaskManager(include_path=tmp, include_defaults=False))
+        finally:
+            model.train(was_training)
+    samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
+    metrics = res["results"][name]
+    return {"acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"], "ids": [s["doc"].get("id") for s in samples],
+            "lls": [[float(r[0]) for r in s["filtered_resps"]] for s in samples]}

