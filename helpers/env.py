@@ -6,11 +6,14 @@ Bottom of the import graph: imports no other helper module.
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import math
 import os
 import platform
 import random
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,19 +178,64 @@ def env_report(device: DeviceChoice | None = None) -> dict:
     }
 
 
-def set_cpu_threads(requested: int = 0) -> tuple[int, str]:
-    """Set torch's CPU threads: `requested` if > 0, else one per core not already busy (load average); return (n, why).
+def cpu_cores() -> int:
+    """Cores this process may run on (the CPU affinity mask where the OS has one, else os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
-    OpenMP threads busy-wait for each other, so on a CPU shared with other jobs one thread per *free* core is
-    much faster than one per core (measured on this course's 2-core build machine: 7-20x per training step).
+
+def set_cpu_threads(requested: int = 0) -> tuple[int, str]:
+    """Set torch's CPU threads: `requested` if > 0, else one per core this process may use; return (n, why).
+
+    Deterministic on purpose: the count depends on the machine, never on what else runs at that moment, and
+    notebooks record it. Speeds (tokens/s, s/step) depend on it; losses, perplexities and greedy answers do not,
+    beyond float summation order (notebook 05 measures both). On a CPU shared with other busy jobs, OpenMP
+    threads spin-waiting for each other can make many threads slower than few: pass a smaller count then.
     """
     import torch
 
     if requested > 0:
         torch.set_num_threads(requested)
-        return requested, "as asked"
-    cores = os.cpu_count() or 1
-    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-    n = max(1, min(torch.get_num_threads(), cores - busy))
+        return requested, "as asked (CPU_THREADS)"
+    n = cpu_cores()
     torch.set_num_threads(n)
-    return n, f"{cores} cores, ~{busy} busy with other processes" if busy else f"{cores} cores, idle"
+    return n, f"one per core ({n} cores); CPU_THREADS overrides"
+
+
+COMMON_METRICS = ("notebook", "model", "device", "dtype", "smoke", "seed", "seconds", "threads", "versions")
+
+
+def json_safe(obj):
+    """A JSON-writable copy: NaN/inf → None, numpy/torch scalars → Python numbers, paths and tuples handled."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_metrics(out: Path, notebook: str, metrics: dict, *, model: str, device: DeviceChoice, smoke: bool,
+                  seed: int, started: float) -> dict:
+    """Write <out>/metrics.json: the common keys every notebook shares (COMMON_METRICS), then the notebook's own.
+
+    `started` is the notebook's time.perf_counter() at its set-up cell; `seconds` is measured from it. A key of
+    `metrics` that repeats a common key with another value is an error, not silently overwritten.
+    """
+    import torch
+
+    common = {"notebook": notebook, "model": str(model), "device": device.device, "dtype": device.dtype_name,
+              "smoke": bool(smoke), "seed": seed, "seconds": round(time.perf_counter() - started, 1),
+              "threads": torch.get_num_threads(), "versions": versions()}
+    clash = {k for k in metrics if k in common and k != "seconds" and json_safe(metrics[k]) != json_safe(common[k])}
+    if clash:
+        raise ValueError(f"metrics repeat common keys with other values: {sorted(clash)}; rename them")
+    record = json_safe({**common, **{k: v for k, v in metrics.items() if k not in common}})
+    (Path(out) / "metrics.json").write_text(json.dumps(record, indent=1))
+    return record

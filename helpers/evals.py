@@ -234,7 +234,11 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at k = 0 and k = n the bound is exactly 0 or 1 in exact arithmetic; floating point lands a hair inside
+    # (wilson_interval(100, 100) gave an upper bound of 0.9999999999999999), so pin the ends and keep p inside
+    lo = 0.0 if k == 0 else min(p, max(0.0, centre - half))
+    hi = 1.0 if k == n else max(p, min(1.0, centre + half))
+    return lo, hi
 
 
 def bootstrap_interval(values: Sequence[float], stat: Callable | None = None, iters: int = 2000,

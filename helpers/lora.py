@@ -27,7 +27,7 @@ _QUERY_RE = re.compile(r"(^|[_.])(q|query)([_.]|$)|^q_?proj$|^query", re.IGNOREC
 _VALUE_RE = re.compile(r"(^|[_.])(v|value)([_.]|$)|^v_?proj$|^value", re.IGNORECASE)
 
 # Old names that went stale when models moved into transformers (Phi-2's Dec-2023 remote code: peft #1375,
-# facts.md): stale target -> the role whose names on *this* model replace it. Used only for error hints.
+# docs/sources.md#phi-names): stale target -> the role whose names on *this* model replace it. Used only for error hints.
 _STALE = {
     "Wqkv": "attention_in",
     "out_proj": "attention_out",
@@ -442,7 +442,7 @@ def check_lora_gradients(model: nn.Module, batch: Mapping | None = None) -> dict
         ]
         if any(quant.is_4bit_linear(m) for m in model.modules()) and next(model.parameters()).device.type == "cpu":
             causes.insert(0, (
-                "the bitsandbytes CPU bug (facts.md): a forward pass of a 4-bit model in eval mode without "
+                "the bitsandbytes CPU bug (docs/sources.md#bnb-cpu-repack in the course repository): a forward pass of a 4-bit model in eval mode without "
                 "gradients (generate(), an eval loop) repacks its weights and backward stops flowing through "
                 "them. Reload the model before training, keep the 4-bit model in train() mode when generating "
                 "before training, and use no eval_strategy with 4-bit on CPU"

@@ -226,7 +226,7 @@ def quantized_linear_bytes(model) -> dict:
 
 
 def cpu_repacked_layers(model) -> list[str]:
-    """Names of 4-bit layers bitsandbytes has repacked for its CPU inference kernel (see facts.md: the silent bug).
+    """Names of 4-bit layers bitsandbytes has repacked for its CPU inference kernel (the silent bug: docs/sources.md#bnb-cpu-repack).
 
     bitsandbytes 0.50 repacks a Linear4bit on CPU the first time it runs in eval mode without gradients (on CPUs
     with AVX512-BF16): absmax goes to bf16 (undoing double quantization) and the layer then computes in bf16

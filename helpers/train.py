@@ -66,6 +66,7 @@ class TrainConfig:
     max_new_tokens: int = 64
     gradient_check: bool = True
     resume_from_checkpoint: str | bool | None = None
+    report_to: str = "none"                 # "none" | "tensorboard" | "trackio" | "wandb" (installed separately)
 
     def __post_init__(self) -> None:
         quant.QuantSpec(self.quantization)  # validates the name
@@ -73,6 +74,7 @@ class TrainConfig:
             raise ValueError("lora_r, max_steps and per_device_train_batch_size must be positive")
         if isinstance(self.lora_targets, tuple):
             self.lora_targets = list(self.lora_targets)
+        check_report_to(self.report_to)
 
     @classmethod
     def from_dict(cls, values: Mapping) -> TrainConfig:
@@ -93,6 +95,21 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """The config as a plain JSON-able dict."""
         return asdict(self)
+
+
+REPORTERS = {"none": None, "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}  # name → module
+
+
+def check_report_to(name: str) -> None:
+    """Raise a clear error for an unknown experiment tracker or one whose package is not installed."""
+    import importlib.util
+
+    if name not in REPORTERS:
+        raise ValueError(f"report_to={name!r} is not supported here; use one of {list(REPORTERS)}")
+    module = REPORTERS[name]
+    if module and importlib.util.find_spec(module) is None:
+        raise ValueError(f"report_to={name!r} needs the {module!r} package, which is not installed: "
+                         f"`pip install {module}` (it is not part of the pinned stack), or use report_to='none'")
 
 
 def _device_dtype(cfg: TrainConfig) -> tuple[env.DeviceChoice, str]:
@@ -150,7 +167,7 @@ def sft_config(cfg: TrainConfig, device: str = "cpu", dtype: str = "float32", ev
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=cfg.eval_steps or None,
-        report_to="none",
+        report_to=cfg.report_to,  # "none" by default: no tracker is contacted unless asked for
         include_num_input_tokens_seen="non_padding",  # kept in the checkpoint: token counts survive a resume
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; skip DDP's extra graph walk
         disable_tqdm=False,  # tqdm.auto progress bars (text in a terminal, a widget in Jupyter)
@@ -204,7 +221,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds=None, ca
     if evaluate and _is_4bit_on_cpu(model):
         raise ValueError(
             "eval_steps > 0 with a 4-bit model on CPU: bitsandbytes 0.50.2 repacks 4-bit weights during an eval-mode "
-            "forward and LoRA then gets no gradient (facts.md). Set eval_steps=0 (evaluate after training) or use "
+            "forward and LoRA then gets no gradient (docs/sources.md#bnb-cpu-repack in the course repository). Set eval_steps=0 (evaluate after training) or use "
             "quantization=None on CPU."
         )
     peft_config = lora_config(cfg, model)  # validates the targets first: stale names fail here, not silently
@@ -258,7 +275,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
     """Greedy completions for already formatted prompts (left-padded batches), special tokens stripped.
 
     Runs in `helpers.bench.eval_mode`: dropout off, but a 4-bit model on CPU keeps its 4-bit layers out of the
-    bitsandbytes repack that would silently stop LoRA gradients in a later training run (facts.md).
+    bitsandbytes repack that would silently stop LoRA gradients in a later training run (docs/sources.md#bnb-cpu-repack).
     """
     import torch
 

@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,31 +49,106 @@ def notebooks(only: str = "") -> list[Path]:
     return [p for p in paths if p.name.startswith(only)]
 
 
+PARAM_FLAGS = ("-p", "--parameters", "-y", "--parameters_yaml", "-r", "--parameters_raw", "-f", "--parameters_file",
+               "-b", "--parameters_base64")
+CELL_RE = re.compile(r"Executing Cell (\d+)-")
+HEARTBEAT_S = 60.0
+
+
+def cell_labels(path: Path, parameterized: bool) -> list[str]:
+    """One label per cell as papermill numbers them (its injected-parameters cell included): the first code line."""
+    nb = json.loads(path.read_text())
+    labels = []
+    for cell in nb["cells"]:
+        lines = [ln.strip() for ln in "".join(cell["source"]).splitlines()]
+        code = [ln for ln in lines if ln and not ln.startswith("#")]
+        labels.append("" if cell["cell_type"] != "code" else (code[0] if code else "(comments only)")[:90])
+        if parameterized and "parameters" in cell.get("metadata", {}).get("tags", []):
+            labels.append("(papermill's injected parameters)")
+    return labels
+
+
+def clock(seconds: float) -> str:
+    """1m23s-style elapsed time."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def run_notebook(path: Path, out: Path, extra: list[str] = (), timeout: float | None = None,
-                 env_extra: dict[str, str] | None = None) -> Result:
-    """Run one notebook with papermill in a subprocess (killed after `timeout` s); return its Result."""
+                 env_extra: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> Result:
+    """Run one notebook with papermill in a subprocess (killed after `timeout` s); return its Result.
+
+    With `progress`, each code cell is announced as it starts ("[04_sft_training +1m05s] cell 12/40 · trainer.train()"),
+    from papermill's own cell log, so a long run is never silent.
+    """
     stem = path.stem
     target = out / stem / f"{stem}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SLM_COURSE_BUILD": str(out.resolve()), "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
+    env = {**os.environ, "SLM_COURSE_BUILD": str(out.resolve()), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     cmd = [sys.executable, "-m", "papermill", str(path), str(target), "-k", kernel_name(),
-           "--cwd", str(path.parent), "--no-progress-bar", "--log-level", "WARNING", *extra]
+           "--cwd", str(path.parent), "--no-progress-bar", "--log-output", "--log-level", "INFO", *extra]
+    labels = cell_labels(path, any(a in PARAM_FLAGS for a in extra))
+    tail: deque[str] = deque(maxlen=300)
     t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, start_new_session=True)
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL)) if timeout else None
+    if timer:
+        timer.start()
+    current = {"cell": 0, "since": t0, "said": t0}
+    done = threading.Event()
+
+    def heartbeat() -> None:  # a long cell (training, scoring) is announced again every HEARTBEAT_S seconds
+        while not done.wait(5.0):
+            now = time.perf_counter()
+            if progress and current["cell"] and now - current["said"] >= HEARTBEAT_S:
+                current["said"] = now
+                progress(f"  [{stem} +{clock(now - t0)}] still in cell {current['cell']}/{len(labels)} "
+                         f"(for {clock(now - current['since'])})")
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        status = "ok" if proc.returncode == 0 else "failed"
-        detail = "" if status == "ok" else (proc.stderr or proc.stdout)[-4000:]
-    except subprocess.TimeoutExpired:
-        status, detail = "timeout", f"killed after {timeout:.0f} s"
-    return Result(path.name, status, time.perf_counter() - t0, target, detail)
+        for line in proc.stdout:
+            tail.append(line.rstrip("\n"))
+            m = CELL_RE.search(line)
+            if m and progress:
+                i = int(m.group(1)) - 1
+                label = labels[i] if i < len(labels) else ""
+                if label:
+                    current.update(cell=i + 1, since=time.perf_counter(), said=time.perf_counter())
+                    progress(f"  [{stem} +{clock(time.perf_counter() - t0)}] cell {i + 1}/{len(labels)} · {label}")
+        rc = proc.wait()
+    finally:
+        done.set()
+        if timer:
+            timer.cancel()
+    seconds = time.perf_counter() - t0
+    if timeout and seconds >= timeout and rc != 0:
+        return Result(path.name, "timeout", seconds, target, f"killed after {timeout:.0f} s\n" + "\n".join(list(tail)[-40:]))
+    status = "ok" if rc == 0 else "failed"
+    detail = "" if status == "ok" else "\n".join(list(tail)[-80:])[-6000:]
+    return Result(path.name, status, seconds, target, detail)
+
+
+def notebook_seconds(res: Result) -> float | None:
+    """The run time the notebook itself recorded in its metrics.json ("seconds"), if it wrote one."""
+    f = res.output.parent / "metrics.json"
+    try:
+        return float(json.loads(f.read_text())["seconds"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def main(argv: list[str]) -> int:
-    """CLI: run the selected notebooks, print a one-line summary per notebook, exit 1 on any failure."""
+    """CLI: run the selected notebooks with per-cell progress, print a summary with the total, exit 1 on any failure."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build", help="output folder (default: build)")
     ap.add_argument("--only", default="", help="run only notebooks whose name starts with this, e.g. 04")
     ap.add_argument("--smoke", action="store_true", help="pass SMOKE=True (the tests' profile)")
+    ap.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
+    ap.add_argument("--timeout", type=float, default=0, help="seconds allowed per notebook (0: no limit)")
     args, extra = ap.parse_known_args(argv)
     if args.smoke:
         extra = ["-p", "SMOKE", "True", *extra]
@@ -78,20 +158,29 @@ def main(argv: list[str]) -> int:
         print(f"no notebook matches {args.only!r}")
         return 2
     results = []
-    for path in selected:
-        print(f"running {path.name} ...", flush=True)
-        res = run_notebook(path, out, extra)
+    t_all = time.perf_counter()
+    for k, path in enumerate(selected, 1):
+        print(f"[{k}/{len(selected)}] running {path.name} (total so far {clock(time.perf_counter() - t_all)}) ...", flush=True)
+        res = run_notebook(path, out, extra, timeout=args.timeout or None,
+                           progress=None if args.quiet else (lambda msg: print(msg, flush=True)))
         results.append(res)
         print(f"  {res.status:7s} {res.seconds:7.1f} s  {path.name} → {res.output}", flush=True)
         if res.status != "ok":
-            print(res.detail)
-    summary = [{"notebook": r.notebook, "status": r.status, "seconds": round(r.seconds, 1), "output": str(r.output)}
-               for r in results]
+            print(res.detail, flush=True)
+    total = time.perf_counter() - t_all
+    summary = {"total_seconds": round(total, 1), "all_ok": all(r.status == "ok" for r in results),
+               "notebooks": [{"notebook": r.notebook, "status": r.status, "seconds": round(r.seconds, 1),
+                              "notebook_seconds": notebook_seconds(r), "output": str(r.output)} for r in results]}
     (out / "run_summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nexecuted notebooks and figures are under {out.resolve()}/<notebook>/ (summary: {out / 'run_summary.json'})")
-    for r in results:
-        print(f"{r.notebook:36s} {r.status:7s} {r.seconds:7.1f} s")
-    return 0 if all(r.status == "ok" for r in results) else 1
+    print(f"{'notebook':36s} {'status':7s} {'wall s':>8s} {'own s':>8s}")
+    for r in summary["notebooks"]:
+        own = f"{r['notebook_seconds']:8.1f}" if r["notebook_seconds"] is not None else f"{'-':>8s}"
+        print(f"{r['notebook']:36s} {r['status']:7s} {r['seconds']:8.1f} {own}")
+    print(f"{'total':36s} {'ok' if summary['all_ok'] else 'FAILED':7s} {total:8.1f}   ({clock(total)})")
+    n_ok = sum(r.status == "ok" for r in results)
+    print(f"notebooks: {n_ok} passed, {len(results) - n_ok} failed")
+    return 0 if summary["all_ok"] else 1
 
 
 if __name__ == "__main__":

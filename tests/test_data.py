@@ -206,3 +206,8 @@ def test_schema_problems():
     assert data.schema_problems({**ok, "device": "toaster"})
     assert data.schema_problems({**ok, "time": "25:00"})
     assert data.schema_problems("x") == ["not a JSON object"]
+    # unhashable values where a name belongs (a base model once answered {"device": {...}}): a problem, not a crash
+    nested = {**ok, "device": {"name": "lamp"}, "room": ["kitchen"], "action": None}
+    assert len(data.schema_problems(nested)) == 3
+    scores = data.score_predictions([json.dumps(nested)], [json.dumps(ok)])
+    assert scores["schema_valid"] == 0 and scores["parsed"] == 1 and scores["exact_match"] == 0

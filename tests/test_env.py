@@ -73,15 +73,36 @@ def test_memory_info_is_plausible():
     assert 0 < info["ram_available_gib"] <= info["ram_total_gib"] < 10_000
 
 
-def test_set_cpu_threads_honours_request_and_load(monkeypatch):
+def test_set_cpu_threads_honours_request_and_is_deterministic(monkeypatch):
     before = torch.get_num_threads()
     try:
-        assert env.set_cpu_threads(1) == (1, "as asked") and torch.get_num_threads() == 1
+        assert env.set_cpu_threads(1) == (1, "as asked (CPU_THREADS)") and torch.get_num_threads() == 1
+        # the default never looks at the load of the moment: the same count on a busy and an idle machine
         monkeypatch.setattr(env.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
-        n, why = env.set_cpu_threads()
-        assert n == 1 and "busy" in why  # every core busy: one thread, not zero
+        busy = env.set_cpu_threads()
         monkeypatch.setattr(env.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-        torch.set_num_threads(before)
-        assert env.set_cpu_threads()[0] == min(before, env.os.cpu_count())
+        idle = env.set_cpu_threads()
+        assert busy == idle and busy[0] == env.cpu_cores() == torch.get_num_threads() >= 1
+        monkeypatch.setattr(env.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+        assert env.cpu_cores() == 3 and env.set_cpu_threads()[0] == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_write_metrics_common_keys_first_and_clashes_refused(tmp_path):
+    import json
+    import math
+    import time
+
+    import numpy as np
+
+    dev = env.DeviceChoice("cpu", "float32", "test")
+    rec = env.write_metrics(tmp_path, "07_demo", {"loss": np.float32(1.5), "bad": math.nan, "device": "cpu", "p": tmp_path},
+                            model="tiny-phi", device=dev, smoke=True, seed=3, started=time.perf_counter() - 2)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == rec and list(saved)[: len(env.COMMON_METRICS)] == list(env.COMMON_METRICS)
+    assert saved["loss"] == 1.5 and saved["bad"] is None and saved["p"] == str(tmp_path) and saved["seed"] == 3
+    assert 2 <= saved["seconds"] < 60 and saved["threads"] == torch.get_num_threads() and "torch" in saved["versions"]
+    with pytest.raises(ValueError, match="model"):
+        env.write_metrics(tmp_path, "07_demo", {"model": "other"}, model="tiny-phi", device=dev, smoke=True, seed=0,
+                          started=time.perf_counter())

@@ -77,6 +77,18 @@ def test_wilson_interval_hand_computed():
         evals.wilson_interval(11, 10)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 50, 99, 100, 200, 1000])
+def test_wilson_interval_matches_scipy_and_holds_its_own_estimate(n):
+    # a perfect (or zero) score must sit inside its own interval: 100/100 once gave an upper bound of 0.9999999999999999
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for k in sorted({0, 1, n // 2, n - 1, n} - {-1}):
+        lo, hi = evals.wilson_interval(k, n)
+        ref = scipy_stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert lo == pytest.approx(ref.low, abs=2e-4) and hi == pytest.approx(ref.high, abs=2e-4), (k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+    assert evals.wilson_interval(n, n)[1] == 1.0 and evals.wilson_interval(0, n)[0] == 0.0
+
+
 def test_mcnemar_exact_hand_computed():
     # 1 item only A gets right, 6 only B, 2 both, 1 neither: p = 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125
     a = [1, 0, 0, 0, 0, 0, 0, 1, 1, 0]

@@ -295,7 +295,7 @@ def test_gradients_raise_on_blocked_path_and_non_peft_model():
 
 
 def test_gradients_catch_bitsandbytes_cpu_eval_bug(tmp_path):
-    """facts.md: a no-grad eval-mode forward of a 4-bit model on CPU repacks it; backward stops flowing."""
+    """docs/sources.md#bnb-cpu-repack: a no-grad eval-mode forward of a 4-bit model on CPU repacks it; backward stops flowing."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -48,3 +48,22 @@ def test_missing_shared_parameter_and_bad_name(tmp_path):
     path = make_nb(tmp_path, name="demo.ipynb", params="SEED = 0")
     msgs = problems(path)
     assert any("NN_snake_topic" in m for m in msgs) and any("SMOKE" in m for m in msgs)
+
+
+def test_runner_announces_each_code_cell_and_reports_failures(tmp_path):
+    from run_notebooks import cell_labels, run_notebook
+
+    path = make_nb(tmp_path)
+    labels = cell_labels(path, parameterized=True)  # papermill inserts its injected cell after `parameters`
+    assert labels == ["", "SMOKE = False", "(papermill's injected parameters)", "x = 1", "assert x == 1"]
+    seen = []
+    res = run_notebook(path, tmp_path / "out", ["-p", "SEED", "1"], timeout=120, progress=seen.append)
+    assert res.status == "ok", res.detail
+    assert [s.split("· ", 1)[1] for s in seen] == labels[1:]
+    assert all(f"cell {i}/5" in s for i, s in zip(range(2, 6), seen, strict=True))
+    bad = make_nb(tmp_path, name="08_bad.ipynb")
+    nb = nbformat.read(bad, as_version=4)
+    nb.cells[2].source = "raise RuntimeError('boom in cell 3')"
+    nbformat.write(nb, bad)
+    res = run_notebook(bad, tmp_path / "out", timeout=120)
+    assert res.status == "failed" and "boom in cell 3" in res.detail

@@ -9,8 +9,10 @@ import warnings
 import pytest
 import torch
 
-from helpers import data, lora, models, train
+from helpers import data, env, lora, models, train
 from helpers.train import LEGACY_ARGS, LegacyArgumentError, TrainConfig
+
+ROOT = env.REPO_ROOT
 
 # ------------------------------------------------------------------------------------------- fixtures
 
@@ -68,6 +70,24 @@ def test_trainconfig_from_dict_translates_and_rejects():
     with pytest.raises(ValueError, match="quantization"):
         TrainConfig(quantization="nf3")
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_report_to_is_none_by_default_selectable_and_checked(tmp_path, monkeypatch):
+    import importlib.util
+
+    import yaml
+
+    assert train.sft_config(cfg_for(tmp_path), "cpu", "float32").report_to == []  # "none" → no tracker at all
+    for recipe in sorted((ROOT / "configs").glob("sft_*.yaml")):
+        assert TrainConfig.from_dict(yaml.safe_load(recipe.read_text())).report_to == "none", recipe.name
+    with pytest.raises(ValueError, match="one of"):
+        cfg_for(tmp_path, report_to="mlflw")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install trackio"):
+        cfg_for(tmp_path, report_to="trackio")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tensorboard" else real(name, *a))
+    assert cfg_for(tmp_path, report_to="tensorboard").report_to == "tensorboard"
 
 
 # ------------------------------------------------------------------------------------------- labels / EOS
@@ -266,7 +286,7 @@ def test_phi2_qlora_recipe_on_a_t4():
     kw = dict(quantization="nf4", dtype="float16", lora_r=32, lora_targets=targets, batch_size=1, seq_len=2048,
               optimizer="paged_adamw_32bit", lora_dropout=0.1, overhead_bytes=0.5 * 2**30)
     est = train.estimate_memory("phi-2", activation_checkpointing=True, **kw)
-    assert est.assumptions["n_params"] == 2_779_683_840  # facts.md, meta-device skeleton
+    assert est.assumptions["n_params"] == 2_779_683_840  # notebook 01: meta-device skeleton from Phi-2's config
     assert est.assumptions["lora_params"] == 32 * (4 * 32 * (2560 + 2560) + 2 * 32 * (2560 + 10240))
     assert 1.4 < est.parts["weights"] / 2**30 < 2.2  # NF4 linears + fp16 embedding/head
     assert est.fits(16)
