@@ -221,7 +221,7 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> di
 
 
 def generation_speed(model, tokenizer, prompts: Sequence[str] | str, max_new_tokens: int = 32, warmup: int = 1,
-                     repeats: int = 3, guard_4bit: bool = True) -> dict:
+                     repeats: int = 3, guard_4bit: bool = True, warmup_tokens: int = 4) -> dict:
     """Greedy generation speed, one prompt at a time, median over `repeats` (after `warmup` untimed passes).
 
     Time to first token (TTFT) = a generate() of one new token (prefill + first step); total = a generate() of
@@ -230,6 +230,7 @@ def generation_speed(model, tokenizer, prompts: Sequence[str] | str, max_new_tok
     Returns prefill_tokens_per_s, decode_tokens_per_s, ttft_s (mean per prompt), total_s (all prompts),
     prompt_tokens, new_tokens, repeats, texts (the greedy continuations). Keep warmup >= 1: the first call
     pays one-time costs (allocations, bitsandbytes' CPU repack with guard_4bit=False) that would land in TTFT.
+    Warm-up passes generate only `warmup_tokens` tokens: those costs are paid by the first call, whatever its length.
     """
     import torch
 
@@ -247,7 +248,10 @@ def generation_speed(model, tokenizer, prompts: Sequence[str] | str, max_new_tok
 
     runs, texts = [], []
     with torch.no_grad(), eval_mode(model, guard_4bit):
-        for r in range(warmup + max(1, repeats)):
+        for _ in range(warmup):
+            for enc in encoded:
+                gen(enc, max(1, min(warmup_tokens, max_new_tokens)))
+        for _ in range(max(1, repeats)):
             ttft = total = 0.0
             prompt_tokens = new_tokens = 0
             texts = []
@@ -261,14 +265,13 @@ def generation_speed(model, tokenizer, prompts: Sequence[str] | str, max_new_tok
                 prompt_tokens += n_prompt
                 new_tokens += int(out.numel())
                 texts.append(tokenizer.decode(out, skip_special_tokens=True))
-            if r >= warmup:
-                runs.append({
-                    "prefill_tokens_per_s": prompt_tokens / ttft,
-                    # NaN when noise makes the full run no slower than the 1-token run (use warmup >= 1)
-                    "decode_tokens_per_s": (new_tokens - len(encoded)) / (total - ttft) if total > ttft else math.nan,
-                    "ttft_s": ttft / len(encoded),
-                    "total_s": total,
-                })
+            runs.append({
+                "prefill_tokens_per_s": prompt_tokens / ttft,
+                # NaN when noise makes the full run no slower than the 1-token run (use warmup >= 1)
+                "decode_tokens_per_s": (new_tokens - len(encoded)) / (total - ttft) if total > ttft else math.nan,
+                "ttft_s": ttft / len(encoded),
+                "total_s": total,
+            })
     out = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
     out.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=len(runs), texts=texts)
     return out

@@ -101,9 +101,11 @@ def row_05_threads(m: dict) -> str:
     rows = m["05_benchmarking"]["threads_check"]
     if len(rows) < 2:
         return "one core only: nothing to compare"
-    parts = " vs ".join(f"{n} thread{'s' if n != '1' else ''} {r['decode tokens/s']:.1f}" for n, r in rows.items())
+    prefill = " vs ".join(f"{r['prefill tokens/s']:.0f}" for r in rows.values())
+    decode = " vs ".join(f"{r['decode tokens/s']:.1f}" for r in rows.values())
     nll = [r["held-out NLL"] for r in rows.values()]
-    return f"decode tokens/s {parts}; held-out NLL differs by {max(nll) - min(nll):.1e} (same greedy text)"
+    return (f"threads {' vs '.join(rows)}: prefill tokens/s {prefill}, decode tokens/s {decode}; "
+            f"held-out NLL differs by {max(nll) - min(nll):.1e} (same greedy text)")
 
 
 def row_06(m: dict) -> str:

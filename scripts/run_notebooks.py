@@ -44,9 +44,10 @@ def kernel_name() -> str:
 
 
 def notebooks(only: str = "") -> list[Path]:
-    """Course notebooks in order, optionally only those whose name starts with `only` (e.g. '04')."""
+    """Course notebooks in order, optionally only those whose name starts with `only` ('04', or '00,01,04')."""
     paths = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    return [p for p in paths if p.name.startswith(only)]
+    prefixes = tuple(x.strip() for x in only.split(",")) if only else ("",)
+    return [p for p in paths if p.name.startswith(prefixes)]
 
 
 PARAM_FLAGS = ("-p", "--parameters", "-y", "--parameters_yaml", "-r", "--parameters_raw", "-f", "--parameters_file",
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> int:
     """CLI: run the selected notebooks with per-cell progress, print a summary with the total, exit 1 on any failure."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build", help="output folder (default: build)")
-    ap.add_argument("--only", default="", help="run only notebooks whose name starts with this, e.g. 04")
+    ap.add_argument("--only", default="", help="run only notebooks whose name starts with this, e.g. 04 or 00,01,04")
     ap.add_argument("--smoke", action="store_true", help="pass SMOKE=True (the tests' profile)")
     ap.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     ap.add_argument("--timeout", type=float, default=0, help="seconds allowed per notebook (0: no limit)")

@@ -167,6 +167,11 @@ def test_generation_speed_counts_tokens_and_is_greedy():
     assert res["ttft_s"] * 2 < res["total_s"]  # one token is cheaper than six, for both prompts
     again = bench.generation_speed(model, tok, ["5 6 7 8", "9 10 11"], max_new_tokens=6, warmup=0, repeats=1)
     assert again["texts"] == res["texts"] and len(res["texts"][0].split()) == 6
+    # warm-up passes are short (the first call's one-time costs do not depend on its length); timed ones are not
+    asked, generate = [], model.generate
+    model.generate = lambda **kw: asked.append(kw["max_new_tokens"]) or generate(**kw)
+    bench.generation_speed(model, tok, ["5 6 7 8", "9 10 11"], max_new_tokens=6, warmup=1, repeats=1, warmup_tokens=2)
+    assert asked == [2, 2, 1, 6, 1, 6]
 
 
 # ------------------------------------------------------------------------------------ the 4-bit CPU guard

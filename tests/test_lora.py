@@ -311,10 +311,15 @@ def test_gradients_catch_bitsandbytes_cpu_eval_bug(tmp_path):
     pm.eval()
     with torch.no_grad():
         pm(**batch())
+    from bitsandbytes.functional import has_avx512bf16
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="bitsandbytes CPU bug.*train\\(\\) mode"):
-            lora.check_lora_gradients(pm, batch())
+        if has_avx512bf16():  # the repack exists only for bitsandbytes' AVX-512 BF16 CPU kernel
+            with pytest.raises(RuntimeError, match="bitsandbytes CPU bug.*train\\(\\) mode"):
+                lora.check_lora_gradients(pm, batch())
+        else:  # no such kernel here (e.g. AMD Zen 3): nothing is repacked and every LoRA tensor still learns
+            assert lora.check_lora_gradients(pm, batch())["zero"] == []
 
 
 def test_lora_training_lowers_loss():

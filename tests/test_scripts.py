@@ -54,6 +54,9 @@ def test_runner_announces_each_code_cell_and_reports_failures(tmp_path):
     from run_notebooks import cell_labels, run_notebook
 
     path = make_nb(tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nbformat.write(nb, path)
     labels = cell_labels(path, parameterized=True)  # papermill inserts its injected cell after `parameters`
     assert labels == ["", "SMOKE = False", "(papermill's injected parameters)", "x = 1", "assert x == 1"]
     seen = []
@@ -61,9 +64,33 @@ def test_runner_announces_each_code_cell_and_reports_failures(tmp_path):
     assert res.status == "ok", res.detail
     assert [s.split("· ", 1)[1] for s in seen] == labels[1:]
     assert all(f"cell {i}/5" in s for i, s in zip(range(2, 6), seen, strict=True))
-    bad = make_nb(tmp_path, name="08_bad.ipynb")
-    nb = nbformat.read(bad, as_version=4)
+    bad = tmp_path / "08_bad.ipynb"
     nb.cells[2].source = "raise RuntimeError('boom in cell 3')"
     nbformat.write(nb, bad)
     res = run_notebook(bad, tmp_path / "out", timeout=120)
     assert res.status == "failed" and "boom in cell 3" in res.detail
+
+
+def test_collect_metrics_fills_only_the_marked_section(tmp_path):
+    import json
+
+    from collect_metrics import BEGIN, END, main
+
+    build = tmp_path / "build"
+    (build / "03_lora_target_modules").mkdir(parents=True)
+    runs = [{"set": "mlp", "heldout_loss": 0.7}, {"set": "qv", "heldout_loss": 1.0}]
+    (build / "03_lora_target_modules" / "metrics.json").write_text(json.dumps(
+        {"notebook": "03_lora_target_modules", "model": "m", "device": "cpu", "dtype": "float32", "smoke": False, "seed": 0,
+         "seconds": 12.5, "threads": 2, "versions": {"torch": "x"}, "max_steps": 15, "lora_r": 8,
+         "heldout_loss_before": 3.9, "runs": runs}))
+    (build / "run_summary.json").write_text(json.dumps({"total_seconds": 61.0, "all_ok": True, "notebooks": [
+        {"notebook": "03_lora_target_modules.ipynb", "status": "ok", "seconds": 61.0}]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    assert main(["--build", str(build), "--readme", str(readme), "--page", str(tmp_path / "results.md")]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\nbefore\n") and text.endswith(f"{END}\nafter\n") and "old table" not in text
+    assert "mlp 0.700 · qv 1.000 (before: 3.900)" in text and "after 15 steps (r=8)" in text
+    assert "1.0 min (all passed): 03 61 s; torch threads [2]" in text
+    assert text.count("not run (no metrics file)") >= 5  # every other notebook's row says so instead of a stale number
+    assert "| 03_lora_target_modules | m | cpu | float32 | False | 0 | 12.5 | 2 |" in (tmp_path / "results.md").read_text()
