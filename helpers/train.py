@@ -424,10 +424,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write `obj` as indented JSON (numbers/strings only; other values as their str())."""
+    """Write `obj` as indented JSON (cleaned by `env.json_safe`: NaN → null, numpy scalars → numbers; else str())."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, default=str))
+    path.write_text(json.dumps(env.json_safe(obj), indent=1, default=str))
     return path
 
 

@@ -410,3 +410,12 @@ def test_seed_script_translates_and_builds_today():
     assert routed["from_pretrained"] == {"token": True, "trust_remote_code": True}
     cfg = SFTConfig(**routed["SFTConfig"], report_to="none", use_cpu=True, activation_checkpointing=False)
     assert cfg.max_length == 2048 and cfg.warmup_steps == 0.03 and cfg.train_sampling_strategy == "group_by_length"
+
+
+def test_write_json_shares_env_json_safe(tmp_path):
+    import math
+
+    import numpy as np
+
+    path = train.write_json(tmp_path / "m.json", {"nan": math.nan, "x": np.float32(2.5), "p": tmp_path})
+    assert json.loads(path.read_text()) == {"nan": None, "x": 2.5, "p": str(tmp_path)}
