@@ -164,6 +164,15 @@ class PeakMemory:
         self._thread.start()
         return self
 
+    def start(self) -> PeakMemory:
+        """Start measuring (for a measurement that spans notebook cells; else use `with`)."""
+        return self.__enter__()
+
+    def stop(self) -> PeakMemory:
+        """Stop measuring; `peak_bytes` holds the peak since `start()`."""
+        self.__exit__(None, None, None)
+        return self
+
     def __exit__(self, *exc) -> None:
         if self.device == "cuda":
             import torch

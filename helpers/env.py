@@ -141,9 +141,16 @@ def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float 
 
 
 def hf_token() -> str | None:
-    """The Hugging Face token from the environment (HF_TOKEN), or None. Never print or save it."""
+    """The Hugging Face token (HF_TOKEN, the saved login, or Colab Secrets via `huggingface_hub.get_token`), or None.
+
+    Never print or save it. Colab Secrets are read only inside Colab, where `get_token` asks the notebook for them.
+    """
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return token or None
+    if token:
+        return token
+    from huggingface_hub import get_token
+
+    return get_token() or None
 
 
 def memory_info() -> dict[str, float]:
@@ -239,3 +246,16 @@ def write_metrics(out: Path, notebook: str, metrics: dict, *, model: str, device
     record = json_safe({**common, **{k: v for k, v in metrics.items() if k not in common}})
     (Path(out) / "metrics.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+RECIPE_TAG = "recipe"
+
+
+def recipe_sources(notebook: str) -> list[str]:
+    """The source of a notebook's cells tagged `recipe` (the code a reader copies), in order, read from notebooks/."""
+    import json
+
+    path = REPO_ROOT / "notebooks" / f"{notebook}.ipynb"
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return ["".join(c["source"]) for c in cells
+            if c["cell_type"] == "code" and RECIPE_TAG in c.get("metadata", {}).get("tags", [])]

@@ -310,6 +310,20 @@ def task_config(task: str) -> dict:
     return yaml.safe_load((TASK_YAML_DIR / f"slm_{task}.yaml").read_text())
 
 
+def write_task_dir(folder: str | Path, tasks: Sequence[str] = TASKS) -> str:
+    """Copy the shipped lm-eval task YAMLs to `folder` with absolute data paths (usable from any working directory)."""
+    import yaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        cfg = task_config(task)
+        cfg.pop("tag", None)
+        cfg["dataset_kwargs"] = {"data_files": {"test": str(BENCHMARK_DIR / f"{task}.jsonl")}}
+        (folder / f"slm_{task}.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return str(folder)
+
+
 def lm_eval_mc(model, tokenizer, items: Sequence[dict], task: str = "arc_easy", batch_size: int = 4,
                quiet: bool = True) -> dict:
     """Run lm-evaluation-harness itself (HFLM on this model object) on exactly `items`, using the shipped YAML.

@@ -149,7 +149,7 @@ def load_model(
     if qconfig is not None:
         args["quantization_config"] = qconfig
         args.setdefault("device_map", {"": 0} if choice.device == "cuda" else {"": "cpu"})
-    if _is_hub_id(path):
+    if is_hub_id(path):
         args.setdefault("token", env.hf_token())
     with _friendly_hub_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, **args)
@@ -164,7 +164,7 @@ def load_tokenizer(name_or_path: str, **kwargs):
     from transformers import AutoTokenizer
 
     path = model_path(name_or_path)
-    if _is_hub_id(path):
+    if is_hub_id(path):
         kwargs.setdefault("token", env.hf_token())
     with _friendly_hub_errors(path):
         return AutoTokenizer.from_pretrained(path, **kwargs)
@@ -178,7 +178,8 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def _is_hub_id(path: str) -> bool:
+def is_hub_id(path: str) -> bool:
+    """True for "owner/name" that is not an existing local path (a model hub repository id)."""
     return not Path(path).exists() and path.count("/") == 1
 
 
@@ -188,7 +189,7 @@ def _friendly_hub_errors(path: str):
     try:
         yield
     except OSError as err:
-        if not _is_hub_id(path):
+        if not is_hub_id(path):
             raise
         text = str(err)
         if "gated" in text.lower() or "401" in text or "403" in text:

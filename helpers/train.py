@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,9 @@ from pathlib import Path
 from helpers import bench, data, env, lora, models, quant
 
 ADAPTER_DIR = "adapter"
+# notebook 04's profiles: one YAML recipe each, the same files `python -m helpers.sft --config` reads
+PROFILE_FILES = {"smoke": "configs/sft_smoke_tinyphi.yaml", "cpu": "configs/sft_cpu_smollm2.yaml",
+                 "gpu": "configs/sft_phi2_qlora_t4.yaml"}
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -63,6 +67,7 @@ class TrainConfig:
     save_total_limit: int | None = 2
     eval_steps: int = 0                     # 0: no evaluation loop during training
     eval_samples: int = 0                   # held-out records generated + scored before and after training
+    eval_batch_size: int = 16               # prompts per generation batch when scoring them
     max_new_tokens: int = 64
     gradient_check: bool = True
     resume_from_checkpoint: str | bool | None = None
@@ -110,6 +115,17 @@ def check_report_to(name: str) -> None:
     if module and importlib.util.find_spec(module) is None:
         raise ValueError(f"report_to={name!r} needs the {module!r} package, which is not installed: "
                          f"`pip install {module}` (it is not part of the pinned stack), or use report_to='none'")
+
+
+def profile_file(profile: str) -> Path:
+    """The recipe file of a notebook-04 profile ("smoke" | "cpu" | "gpu") or a path to your own YAML recipe."""
+    if profile in PROFILE_FILES:
+        return env.REPO_ROOT / PROFILE_FILES[profile]
+    path = Path(profile)
+    if path.suffix not in (".yaml", ".yml") or not path.exists():
+        raise ValueError(f"PROFILE={profile!r} is neither a profile ({', '.join(PROFILE_FILES)}) nor an existing "
+                         f".yaml recipe file: use one of the profiles or a path to a file like {PROFILE_FILES['cpu']}")
+    return path
 
 
 def _device_dtype(cfg: TrainConfig) -> tuple[env.DeviceChoice, str]:
@@ -340,6 +356,67 @@ def _default_file(name: str) -> str:
     return str(env.DATA_DIR / "sft" / name)
 
 
+def _load_inputs(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, dtype: str):
+    """The model, tokenizer and datasets of a run: those given, else loaded as `cfg` says."""
+    if tokenizer is None:
+        tokenizer = models.load_tokenizer(cfg.model)
+    if model is None:
+        model = models.load_model(cfg.model, quantization=cfg.quantization, dtype=dtype, double_quant=cfg.double_quant)
+    if train_ds is None:
+        train_ds = data.load_records(cfg.data_file or _default_file("train.jsonl"))
+    if eval_ds is None and (cfg.eval_file or cfg.eval_samples or cfg.eval_steps):
+        eval_ds = data.load_records(cfg.eval_file or _default_file("heldout.jsonl"))
+    return model, tokenizer, train_ds, eval_ds
+
+
+def heldout_records(cfg: TrainConfig, eval_ds) -> list | None:
+    """The first `cfg.eval_samples` held-out records to generate and score (None when there are none)."""
+    if eval_ds is None or not cfg.eval_samples:
+        return None
+    heldout = eval_ds.select(range(min(cfg.eval_samples, len(eval_ds))))
+    if data.record_format(heldout.column_names) == "text":
+        raise ValueError("eval_samples needs held-out records with an answer (prompt/completion or chat), not text")
+    return list(heldout)
+
+
+def save_adapter(trainer, tokenizer, cfg: TrainConfig, out: Path) -> Path:
+    """Write adapter (safetensors + adapter_config.json), tokenizer and train_config.json (the base model's name)."""
+    adapter_dir = out / ADAPTER_DIR
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # a previous run's files (another model's chat template) must not mix in
+    trainer.model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    (adapter_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return adapter_dir
+
+
+def training_metrics(trainer, cfg: TrainConfig, seconds: float, memory, device: str, dtype: str) -> dict:
+    """What a finished run measured: loss history, time, tokens/s, peak memory, gradient check, LoRA summary."""
+    hist = loss_history(trainer)
+    logs = trainer.state.log_history
+    tokens = trainer.state.num_input_tokens_seen or max((h.get("num_tokens", 0) for h in logs), default=0)
+    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # this run only (after a resume)
+    evals = [h for h in logs if "eval_loss" in h]
+    return {
+        "config": cfg.to_dict(),
+        "model": cfg.model,
+        "device": device,
+        "dtype": dtype,
+        "steps": trainer.state.global_step,
+        "loss_history": hist,
+        "first_loss": hist["loss"][0] if hist["loss"] else None,
+        "final_loss": hist["loss"][-1] if hist["loss"] else None,
+        "train_seconds": round(seconds, 2),
+        "train_tokens": tokens,
+        "tokens_per_second": round(session_tokens / seconds, 1) if session_tokens and seconds else None,
+        "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 3),
+        "peak_memory": {"device": memory.device, "kind": "max_allocated" if memory.device == "cuda" else "rss",
+                        "peak_bytes": memory.peak_bytes, "start_bytes": memory.start_bytes},
+        "gradient_check": gradient_report(trainer),
+        "lora": lora.lora_summary(trainer.model),
+        "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {},
+    }
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=None,
           callbacks: Sequence = (), extra_metrics: Mapping | None = None) -> TrainResult:
     """Load (unless given), evaluate before, train, save the adapter, evaluate after; write metrics/env JSON.
@@ -351,21 +428,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
     device, dtype = _device_dtype(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is None:
-        tokenizer = models.load_tokenizer(cfg.model)
-    if model is None:
-        model = models.load_model(cfg.model, quantization=cfg.quantization, dtype=dtype, double_quant=cfg.double_quant)
-    if train_ds is None:
-        train_ds = data.load_records(cfg.data_file or _default_file("train.jsonl"))
-    if eval_ds is None and (cfg.eval_file or cfg.eval_samples or cfg.eval_steps):
-        eval_ds = data.load_records(cfg.eval_file or _default_file("heldout.jsonl"))
-    heldout = eval_ds.select(range(min(cfg.eval_samples, len(eval_ds)))) if eval_ds is not None and cfg.eval_samples else None
-    if heldout is not None and data.record_format(heldout.column_names) == "text":
-        raise ValueError("eval_samples needs held-out records with an answer (prompt/completion or chat), not text")
-
-    before = after = None
-    if heldout is not None:
-        before = evaluate_task(model, tokenizer, list(heldout), cfg.max_new_tokens)
+    model, tokenizer, train_ds, eval_ds = _load_inputs(cfg, model, tokenizer, train_ds, eval_ds, dtype)
+    heldout = heldout_records(cfg, eval_ds)
+    before = evaluate_task(model, tokenizer, heldout, cfg.max_new_tokens, cfg.eval_batch_size) if heldout else None
 
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks)
     resume = cfg.resume_from_checkpoint
@@ -373,50 +438,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
         resume = None  # nothing to resume from yet: start fresh
     with bench.PeakMemory(device.device) as mem:
         t0 = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - t0
-    adapter_dir = out / ADAPTER_DIR
     main_process = trainer.args.should_save  # several ranks: only the main one writes files
-    if main_process:
-        trainer.model.save_pretrained(adapter_dir)  # adapter_model.safetensors + adapter_config.json
-        tokenizer.save_pretrained(adapter_dir)
-        (adapter_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    adapter_dir = save_adapter(trainer, tokenizer, cfg, out) if main_process else out / ADAPTER_DIR
 
     model = trainer.model
     model.config.use_cache = True
-    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    eval_results = {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
-    if heldout is not None:
-        after = evaluate_task(model, tokenizer, list(heldout), cfg.max_new_tokens)
-
-    hist = loss_history(trainer)
-    logs = trainer.state.log_history
-    tokens = trainer.state.num_input_tokens_seen or max((h.get("num_tokens", 0) for h in logs), default=0)
-    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # this run only (after a resume)
-    metrics = {
-        "config": cfg.to_dict(),
-        "model": cfg.model,
-        "device": device.device,
-        "dtype": dtype,
-        "steps": trainer.state.global_step,
-        "loss_history": hist,
-        "first_loss": hist["loss"][0] if hist["loss"] else None,
-        "final_loss": hist["loss"][-1] if hist["loss"] else None,
-        "train_seconds": round(seconds, 2),
-        "train_runtime": output.metrics.get("train_runtime"),
-        "train_tokens": tokens,
-        "tokens_per_second": round(session_tokens / seconds, 1) if session_tokens and seconds else None,
-        "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 3),
-        "peak_memory": {"device": mem.device, "kind": "max_allocated" if mem.device == "cuda" else "rss",
-                        "peak_bytes": mem.peak_bytes, "start_bytes": mem.start_bytes},
-        "gradient_check": gradient_report(trainer),
-        "lora": lora.lora_summary(model),
-        "eval": eval_results,
-        "task_before": before["scores"] if before else None,
-        "task_after": after["scores"] if after else None,
-        "adapter_dir": str(adapter_dir),
-        **dict(extra_metrics or {}),
-    }
+    after = evaluate_task(model, tokenizer, heldout, cfg.max_new_tokens, cfg.eval_batch_size) if heldout else None
+    metrics = {**training_metrics(trainer, cfg, seconds, mem, device.device, dtype),
+               "task_before": before["scores"] if before else None,
+               "task_after": after["scores"] if after else None,
+               "adapter_dir": str(adapter_dir), **dict(extra_metrics or {})}
     if main_process:
         write_json(out / "metrics.json", metrics)
         write_json(out / "env.json", env.env_report(device))
@@ -445,6 +478,28 @@ def load_trained(adapter_dir: str | Path, quantization: str | None = None, dtype
     tok = models.load_tokenizer(str(adapter_dir))
     with _quiet_peft():
         return PeftModel.from_pretrained(base, str(adapter_dir)), tok
+
+
+def find_adapter(adapter: str = "auto") -> Path:
+    """A LoRA adapter folder: "auto" (notebook 04's output), a local folder, or a hub id (downloaded; needs the hub).
+
+    Raises FileNotFoundError saying what to do when there is none.
+    """
+    path = env.build_dir("04_sft_training") / ADAPTER_DIR if adapter == "auto" else Path(adapter)
+    if (path / "adapter_config.json").exists():
+        return path
+    if adapter != "auto" and models.is_hub_id(adapter) and not path.exists():
+        if not env.hub_reachable():
+            raise FileNotFoundError(f"ADAPTER_DIR={adapter!r} looks like a hub id, but the model hub is unreachable "
+                                    "(offline or HF_HUB_OFFLINE=1): download it where you have internet, or pass a folder")
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(adapter, token=env.hf_token()))
+    raise FileNotFoundError(
+        f"No LoRA adapter at {path} (no adapter_config.json). Run notebook 04 (04_sft_training.ipynb) first in this "
+        "environment — on Colab, in the same runtime — it trains the adapter and saves it there "
+        "(`make nb NB=04 PARAMS='-p SMOKE True'` takes a minute). Or set ADAPTER_DIR to an adapter folder or to a hub id "
+        "such as 'your-name/phi-2-smart-home-lora' (papermill: -p ADAPTER_DIR ...).")
 
 
 # ------------------------------------------------------------------------------------------- memory planner

@@ -51,10 +51,15 @@ def test_hub_reachable_respects_offline_flag(monkeypatch):
     assert env.hub_reachable(host="127.0.0.1", port=1, timeout=0.2) is False  # nothing listens on port 1
 
 
-def test_hf_token_only_from_environment(monkeypatch):
+def test_hf_token_from_environment_then_huggingface_hub(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))   # no saved login
     assert env.hf_token() is None
+    (tmp_path / "token").write_text("hf_saved_login")           # `hf auth login` (or Colab Secrets) via get_token
+    assert env.hf_token() == "hf_saved_login"
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
     assert env.hf_token() == "hf_secret_value"
     assert "hf_secret_value" not in json.dumps(env.env_report(env.choose_device("cpu")))
