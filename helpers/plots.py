@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot, imported on first use (headless: matplotlib falls back to Agg without a display)."""
     import matplotlib.pyplot as plt  # headless: matplotlib falls back to Agg when there is no display
 
     return plt
@@ -23,7 +24,7 @@ def save(fig, path: str | Path, dpi: int = 120) -> Path:
 def bars(values: Mapping[str, float], title: str = "", ylabel: str = "", path: str | Path | None = None,
          hlines: Mapping[str, float] | None = None, log: bool = False):
     """A labelled bar chart of `values`, with optional horizontal reference lines; saved if `path` is given."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(values) + 2), 3.6))
     names, vals = list(values), list(values.values())
     ax.bar(names, vals, color="tab:blue")
@@ -47,7 +48,7 @@ def grouped_bars(table: Mapping[str, Mapping[str, float]], title: str = "", ylab
     """Grouped bars: `table[series][group] = value` (e.g. model → benchmark → score), optional error bars."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     series = list(table)
     groups = list(dict.fromkeys(g for s in series for g in table[s]))
     width = 0.8 / max(1, len(series))
@@ -72,7 +73,7 @@ def grouped_bars(table: Mapping[str, Mapping[str, float]], title: str = "", ylab
 def loss_curve(steps: Sequence[float], losses: Sequence[float], title: str = "training loss",
                path: str | Path | None = None, eval_steps: Sequence[float] = (), eval_losses: Sequence[float] = ()):
     """Training (and optional eval) loss against step."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(steps, losses, marker=".", label="train")
     if eval_steps:
@@ -91,7 +92,7 @@ def loss_curve(steps: Sequence[float], losses: Sequence[float], title: str = "tr
 def scatter(xs: Sequence[float], ys: Sequence[float], labels: Sequence[str], title: str = "", xlabel: str = "",
             ylabel: str = "", path: str | Path | None = None, logx: bool = False):
     """A labelled scatter plot (e.g. score vs parameter count, perplexity vs bytes)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.scatter(xs, ys)
     for x, y, t in zip(xs, ys, labels, strict=True):

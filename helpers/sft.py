@@ -286,14 +286,13 @@ def load_model_for_launch(cfg, launch_opts: Mapping, launch: Launch):
     """
     import torch
 
-    from helpers import models
-    from helpers.train import _device_dtype
+    from helpers import models, train
 
     storage = launch_opts.get("quant_storage")
     if not torch.cuda.is_available() or (launch.world_size == 1 and not storage):
         return None
     torch.cuda.set_device(launch.local_rank)
-    _, dtype = _device_dtype(cfg)
+    _, dtype = train.device_and_dtype(cfg)
     if storage:  # sharded 4-bit weights: a float storage dtype and no device_map (the launcher places shards)
         return models.load_model(cfg.model, quantization=cfg.quantization, dtype=dtype, double_quant=cfg.double_quant,
                                  quant_storage=storage, device_map=None)
@@ -304,7 +303,7 @@ def load_model_for_launch(cfg, launch_opts: Mapping, launch: Launch):
 # ------------------------------------------------------------------------------------------- per-rank arithmetic
 
 
-def _unit_bytes(config_or_name, quantization: str | None, dtype: str, double_quant: bool = False) -> dict[str, float]:
+def unit_bytes(config_or_name, quantization: str | None, dtype: str, double_quant: bool = False) -> dict[str, float]:
     """Bytes of the largest sharding unit: one decoder layer (Linear at `quantization`) and the root (embeddings, head)."""
     from torch import nn
 

@@ -128,7 +128,8 @@ def profile_file(profile: str) -> Path:
     return path
 
 
-def _device_dtype(cfg: TrainConfig) -> tuple[env.DeviceChoice, str]:
+def device_and_dtype(cfg: TrainConfig) -> tuple[env.DeviceChoice, str]:
+    """The device and the training dtype of a run: cfg.dtype if set (checked against the hardware), else the hardware's."""
     device = env.choose_device()
     dtype = cfg.dtype or device.dtype_name
     env.check_dtype_supported(dtype, device.device)
@@ -287,8 +288,12 @@ def gradient_report(trainer) -> dict | None:
 # ------------------------------------------------------------------------------------------- generation
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
+             **generate_kwargs) -> list[str]:
     """Greedy completions for already formatted prompts (left-padded batches), special tokens stripped.
+
+    `generate_kwargs` go to `model.generate` (e.g. do_sample=True, num_return_sequences=n: n answers per prompt,
+    in prompt order).
 
     Runs in `helpers.bench.eval_mode`: dropout off, but a 4-bit model on CPU keeps its 4-bit layers out of the
     bitsandbytes repack that would silently stop LoRA gradients in a later training run (docs/sources.md#bnb-cpu-repack).
@@ -305,8 +310,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
             for i in range(0, len(prompts), batch_size):
                 enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(**enc, **{"max_new_tokens": max_new_tokens, "do_sample": False,
+                                               "pad_token_id": tokenizer.pad_token_id, **generate_kwargs})
                 outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
@@ -425,7 +430,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
     Resume an interrupted run with `cfg.resume_from_checkpoint=True` (the latest checkpoint) or a path.
     """
     env.set_seed(cfg.seed)
-    device, dtype = _device_dtype(cfg)
+    device, dtype = device_and_dtype(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, train_ds, eval_ds = _load_inputs(cfg, model, tokenizer, train_ds, eval_ds, dtype)
@@ -500,6 +505,41 @@ def find_adapter(adapter: str = "auto") -> Path:
         "environment — on Colab, in the same runtime — it trains the adapter and saves it there "
         "(`make nb NB=04 PARAMS='-p SMOKE True'` takes a minute). Or set ADAPTER_DIR to an adapter folder or to a hub id "
         "such as 'your-name/phi-2-smart-home-lora' (papermill: -p ADAPTER_DIR ...).")
+
+
+def model_card(base_model: str, recipe: Mapping, scores: Mapping | None = None, dataset: str = "slm-course smart-home task") -> str:
+    """A model card (README.md) for a LoRA adapter: base model, how it was trained, what it scored, how to load it."""
+    lines = ["---", "library_name: peft", f"base_model: {base_model}", "tags: [lora, sft, trl, slm-course]", "---", "",
+             f"# LoRA adapter for {base_model}", "",
+             f"Trained with TRL's `SFTTrainer` on the {dataset} (free-text request → one JSON record), following",
+             "[slm-course](https://github.com/slm-course/slm-course) notebook 04.", "", "## Training", ""]
+    keys = ("quantization", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "max_steps",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "optimizer")
+    lines += [f"- {k}: {recipe.get(k)}" for k in keys if k in recipe]
+    if scores:
+        lines += ["", "## Held-out results", ""] + [f"- {k}: {v}" for k, v in scores.items()]
+    lines += ["", "## Use", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+              "", f'base = AutoModelForCausalLM.from_pretrained("{base_model}")',
+              'model = PeftModel.from_pretrained(base, "<this repository>")', "```", ""]
+    return "\n".join(lines)
+
+
+def push_adapter(adapter_dir: str | Path, repo_id: str, card: str) -> str:
+    """Push an adapter folder (with `card` as README.md) to the Hub; returns what happened, or why it was skipped."""
+    if not repo_id:
+        return "skipped: PUSH_TO_HUB is empty (set it to 'your-name/repo' to publish the adapter)"
+    token = env.hf_token()
+    if token is None:
+        return "skipped: no Hugging Face token (set HF_TOKEN, `hf auth login`, or Colab Secrets → HF_TOKEN)"
+    if not env.hub_reachable():
+        return "skipped: the model hub is unreachable (offline, or HF_HUB_OFFLINE=1)"
+    from huggingface_hub import create_repo, upload_folder
+
+    (Path(adapter_dir) / "README.md").write_text(card, encoding="utf-8")
+    url = create_repo(repo_id, token=token, exist_ok=True, private=True)
+    upload_folder(repo_id=repo_id, folder_path=str(adapter_dir), token=token,
+                  ignore_patterns=["training_args.bin", "train_config.json"])
+    return f"pushed to {url} (private; make it public on the Hub when you are ready)"
 
 
 # ------------------------------------------------------------------------------------------- memory planner

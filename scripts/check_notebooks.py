@@ -61,6 +61,18 @@ def problems(path: Path) -> list[str]:
     elif cells.index(checks[0]) != max(i for i, c in enumerate(cells) if c.get("cell_type") == "code"):
         out.append("the 'checks' cell must be the last code cell")
     meta = nb.get("metadata", {}).get("slm_course", {})
+    for i, cell in enumerate(cells):
+        if "recipe" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        src = "".join(cell["source"])
+        if not src.startswith("# recipe"):
+            out.append(f"recipe cell {i} must start with a '# recipe · what it does' comment")
+        if re.search(r"^\s*(from|import)\s+helpers\b", src, re.M):
+            out.append(f"recipe cell {i} imports helpers: a recipe uses only the pinned libraries")
+    if tagged("recipe") and not meta.get("recipe_inputs", {}).get("SMOKE"):
+        out.append('recipe cells need "recipe_inputs" (with "SMOKE": true) in the slm_course metadata')
+    if len(tagged("colab")) != 1:
+        out.append("needs exactly one cell tagged 'colab' (the Colab install cell)")
     if not isinstance(meta.get("artefacts"), list) or not isinstance(meta.get("timeout"), int):
         out.append('metadata needs "slm_course": {"artefacts": [...], "timeout": <seconds>}')
     return out

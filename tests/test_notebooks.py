@@ -48,3 +48,35 @@ def test_notebook_smoke(path):
         assert (out_dir / name).stat().st_size > 0
     if TOKEN:
         assert TOKEN not in res.output.read_text(), "the HF_TOKEN value leaked into the notebook's outputs"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """A second architecture built from a config: Qwen2 (GQA, biased q/k/v, untied head), SmolLM2's tokenizer."""
+    import torch
+    import transformers as tf
+
+    from helpers import models
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = tf.AutoTokenizer.from_pretrained(models.model_path("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tf.Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", ["02_load_4bit", "03_lora_target_modules", "04_sft_training"])
+def test_notebook_smoke_on_a_second_architecture(stem, tiny_qwen2, tmp_path):
+    """The recipes hold beyond the course's models: the smoke runs pass with MODEL = a tiny Qwen2 folder."""
+    path = ROOT / "notebooks" / f"{stem}.ipynb"
+    meta = json.loads(path.read_text())["metadata"]["slm_course"]
+    res = run_notebook(path, tmp_path, ["-p", "SMOKE", "True", "-p", "MODEL", str(tiny_qwen2)],
+                       timeout=meta["timeout"], env_extra={**OFFLINE, "HF_TOKEN": TOKEN})
+    assert res.status == "ok", f"{path.name} on Qwen2 {res.status} after {res.seconds:.0f} s:\n{res.detail}"
+    metrics = json.loads((tmp_path / stem / "metrics.json").read_text())
+    assert str(tiny_qwen2) in json.dumps(metrics["model"])

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import run_recipes  # noqa: E402
 from run_notebooks import notebooks  # noqa: E402
 
-from helpers import evals, models  # noqa: E402
+from helpers import data, env, evals, models, prefs  # noqa: E402
 
 WITH_RECIPES = [p for p in notebooks() if run_recipes.cells(p)[1]]
 ADAPTERS: dict[str, Path] = {}   # notebook stem → the adapter its recipe wrote (04's feeds 05's)
@@ -30,8 +30,14 @@ def adapter_of(stem: str, _work: Path) -> str:
     return str(path)
 
 
+def pairs_file(n: str, work: Path) -> str:
+    """A preference-pairs file from the first `n` training records (notebook 07's recipe reads one)."""
+    records = data.read_rows(env.DATA_DIR / "sft" / "train.jsonl")[:int(n)]
+    return str(data.write_jsonl(prefs.build_pairs(records, seed=0), work / "pairs.jsonl"))
+
+
 RESOLVERS = {"model": lambda name, _: models.model_path(name), "adapter": adapter_of,
-             "lm_eval_tasks": lambda sub, work: evals.write_task_dir(work / sub)}
+             "lm_eval_tasks": lambda sub, work: evals.write_task_dir(work / sub), "pairs": pairs_file}
 
 
 def test_the_course_has_recipes():

@@ -187,7 +187,7 @@ def test_accelerate_configs_parse_and_say_when_to_use_them():
 def test_per_rank_memory_and_communication_arithmetic():
     est = train.estimate_memory("phi-2", quantization="nf4", dtype="bfloat16", lora_r=16, batch_size=4, seq_len=256,
                                 activation_checkpointing=True)
-    units = sft._unit_bytes("phi-2", "nf4", "bfloat16")
+    units = sft.unit_bytes("phi-2", "nf4", "bfloat16")
     assert 30e6 < units["layer"] < 60e6  # one Phi-2 layer: 78.7M weights, 4-bit linear → ~40 MB
     assert units["root"] > units["layer"]  # embedding + head (2 × 51200 × 2560 in bf16) outweigh a 4-bit layer
     single = sft.per_rank_memory(est, "single", 1)

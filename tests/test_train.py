@@ -419,3 +419,17 @@ def test_write_json_shares_env_json_safe(tmp_path):
 
     path = train.write_json(tmp_path / "m.json", {"nan": math.nan, "x": np.float32(2.5), "p": tmp_path})
     assert json.loads(path.read_text()) == {"nan": None, "x": 2.5, "p": str(tmp_path)}
+
+
+def test_model_card_and_push_skips_with_a_reason(tmp_path, monkeypatch):
+    card = train.model_card("microsoft/phi-2", {"quantization": "nf4", "lora_r": 32, "unrelated": 1},
+                            {"exact_match": 0.85})
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: microsoft/phi-2") and "- lora_r: 32" in card
+    assert "exact_match: 0.85" in card and "unrelated" not in card
+    assert train.push_adapter(tmp_path, "", card).startswith("skipped: PUSH_TO_HUB is empty")
+    monkeypatch.setattr(train.env, "hf_token", lambda: None)
+    assert "no Hugging Face token" in train.push_adapter(tmp_path, "me/x", card)
+    monkeypatch.setattr(train.env, "hf_token", lambda: "hf_fake")
+    monkeypatch.setattr(train.env, "hub_reachable", lambda: False)
+    assert "unreachable" in train.push_adapter(tmp_path, "me/x", card)
+    assert not (tmp_path / "README.md").exists()                 # nothing written when skipped
