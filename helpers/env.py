@@ -24,7 +24,8 @@ BUILD_ENV = "SLM_COURSE_BUILD"
 
 STACK = (
     "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets",
-    "huggingface_hub", "tokenizers", "safetensors", "gguf", "papermill", "numpy",
+    "huggingface_hub", "tokenizers", "safetensors", "gguf", "lm_eval", "llama_cpp_python", "sentencepiece",
+    "papermill", "numpy",
 )
 
 

@@ -8,7 +8,8 @@ Run by each notebook's Colab-only cell (after it cloned the course) as
 - General libraries the course uses lightly (numpy, pandas, matplotlib, psutil, PyYAML, tqdm) are kept as Colab
   has them; installed only if missing.
 - The fast-moving stack (transformers, peft, trl, bitsandbytes, datasets, lm_eval, …) is pinned exactly as in
-  requirements.txt: installed when missing or at another version. If one of those was already imported by the
+  requirements.txt: installed when missing or at another version. llama-cpp-python compiles from source (no
+  Linux wheel on PyPI), so only notebook 08 installs it (`--only llama-cpp-python`). If one of those was already imported by the
   kernel, the new version only takes effect after Runtime → Restart session (then run the cell again: nothing
   left to install, no restart).
 """
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP = {"torch", "papermill", "nbformat", "nbclient", "ipykernel", "jupyterlab", "ipywidgets", "pytest", "ruff",
         "check-jsonschema"}
 KEEP_COLABS = {"numpy", "pandas", "matplotlib", "psutil", "pyyaml", "tqdm"}
+# compiled from source on Linux (no wheel on PyPI): only the notebook that needs it asks for it (--only)
+ON_DEMAND = {"llama-cpp-python"}
 IMPORT_NAME = {"pyyaml": "yaml", "huggingface-hub": "huggingface_hub", "lm-eval": "lm_eval",
                "llama-cpp-python": "llama_cpp", "scikit-learn": "sklearn"}
 RESTART = "Runtime → Restart session, then run this cell again"
@@ -55,11 +58,15 @@ def installed(name: str) -> str | None:
         return None
 
 
-def plan(requirements: dict[str, str], have: dict[str, str | None], loaded: set[str]) -> dict:
-    """What to install (name==version), what is kept as the runtime has it, and whether a restart is needed."""
+def plan(requirements: dict[str, str], have: dict[str, str | None], loaded: set[str],
+         only: set[str] | None = None) -> dict:
+    """What to install (name==version), what is kept as the runtime has it, and whether a restart is needed.
+
+    `only`: just these packages (e.g. notebook 08's {"llama-cpp-python"}); else everything but SKIP and ON_DEMAND.
+    """
     install, kept, restart_for = [], [], []
     for name, version in requirements.items():
-        if name in SKIP:
+        if (name not in only) if only else (name in SKIP or name in ON_DEMAND):
             continue
         current = have.get(name)
         if current is not None and (name in KEEP_COLABS or current == version):
@@ -75,9 +82,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loaded", default="", help="top-level modules the notebook kernel has imported (comma-separated)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan as JSON, install nothing")
+    ap.add_argument("--only", default="", help="install just these packages (comma-separated), e.g. llama-cpp-python")
     args = ap.parse_args()
     requirements = pins()
-    todo = plan(requirements, {n: installed(n) for n in requirements}, set(filter(None, args.loaded.split(","))))
+    only = {norm(n) for n in args.only.split(",") if n}
+    todo = plan(requirements, {n: installed(n) for n in requirements}, set(filter(None, args.loaded.split(","))), only)
     if args.dry_run:
         print(json.dumps(todo))
         return 0
@@ -85,7 +94,8 @@ def main() -> int:
     if todo["install"]:
         print(f"installing: {' '.join(todo['install'])}")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *todo["install"]], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
+    if not only:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
     if todo["restart_for"]:
         print(f"\n*** {', '.join(todo['restart_for'])} changed version after the kernel imported it: {RESTART}. ***")
     else:

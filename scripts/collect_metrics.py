@@ -138,6 +138,16 @@ def row_07(m: dict) -> str:
             f"verdict: {x['verdict']}; {d['train_seconds'] / d['steps']:.1f} s/step")
 
 
+def row_08(m: dict) -> str:
+    x = m["08_export_gguf"]
+    forms = " · ".join(f"{n} {r['file MB']:.0f} MB {r['decode tok/s']:.1f} tok/s EM {r['exact match']:.2f}"
+                       for n, r in x["side_by_side"].items())
+    b = x["bar"]
+    return (f"n = {x['task_items']}, {b['threads']} threads: {forms}; Q4_K_M decode ×{b['q4_k_m_decode_speedup']:.1f} fp32 "
+            f"(bar ≥5: {b['decode_5x']}), EM in fp32's CI: {b['q4_k_m_em_in_fp32_ci']}; template "
+            f"{x['template']['same_tokens']}/{x['template']['prompts']} token-identical")
+
+
 ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("`make run`, default profile, every notebook", row_run),
     ("`bash .ci/run` (make test + make run)", row_ci),
@@ -149,6 +159,7 @@ ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("05: threads change speed, not results", row_05_threads),
     ("06: scaling out", row_06),
     ("07: DPO after SFT (default CPU profile)", row_07),
+    ("08: fine-tune as GGUF (llama.cpp) vs transformers", row_08),
 ]
 
 

@@ -67,7 +67,10 @@ def test_install_plan_for_a_colab_runtime():
     todo = colab_setup.plan(reqs, COLAB, loaded={"numpy", "pandas", "transformers", "IPython"})
     names = {x.split("==")[0] for x in todo["install"]}
     assert {"transformers", "peft", "trl", "bitsandbytes", "lm-eval", "datasets"} <= names
-    assert not names & {"torch", "jupyterlab", "ipykernel", "pytest", "ruff", "papermill", "nbformat", "numpy", "pandas"}
+    assert not names & {"torch", "jupyterlab", "ipykernel", "pytest", "ruff", "papermill", "nbformat", "numpy", "pandas",
+                        "llama-cpp-python"}                  # the compiled one: only notebook 08 asks for it
+    only = colab_setup.plan(reqs, COLAB, loaded=set(), only={"llama-cpp-python"})
+    assert only["install"] == [f"llama-cpp-python=={reqs['llama-cpp-python']}"]
     assert all(x == f"{x.split('==')[0]}=={reqs[x.split('==')[0]]}" for x in todo["install"])   # exact pins
     assert "numpy 2.0.2" in todo["kept"] and "pandas 2.2.2" in todo["kept"]
     assert todo["restart_for"] == ["transformers"]            # imported at an older version: restart, said clearly

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import run_recipes  # noqa: E402
 from run_notebooks import notebooks  # noqa: E402
 
-from helpers import data, env, evals, models, prefs  # noqa: E402
+from helpers import data, env, evals, export, models, prefs  # noqa: E402
 
 WITH_RECIPES = [p for p in notebooks() if run_recipes.cells(p)[1]]
 ADAPTERS: dict[str, Path] = {}   # notebook stem → the adapter its recipe wrote (04's feeds 05's)
@@ -37,7 +37,8 @@ def pairs_file(n: str, work: Path) -> str:
 
 
 RESOLVERS = {"model": lambda name, _: models.model_path(name), "adapter": adapter_of,
-             "lm_eval_tasks": lambda sub, work: evals.write_task_dir(work / sub), "pairs": pairs_file}
+             "lm_eval_tasks": lambda sub, work: evals.write_task_dir(work / sub), "pairs": pairs_file,
+             "converter": lambda _, __: str(export.find_converter())}
 
 
 def test_the_course_has_recipes():
