@@ -19,7 +19,8 @@ def make_nb(tmp_path, name="07_demo.ipynb", params="SMOKE = False\nSEED = 0\nOUT
         body.outputs = [nbformat.v4.new_output("stream", text="1\n")]
         body.execution_count = 3
     checks = nbformat.v4.new_code_cell("assert x == 1", metadata={"tags": ["checks"]})
-    nb.cells = [nbformat.v4.new_markdown_cell("# Demo"), p, body, checks]
+    colab = nbformat.v4.new_code_cell("import sys", metadata={"tags": ["colab"]})
+    nb.cells = [nbformat.v4.new_markdown_cell("# Demo"), colab, p, body, checks]
     nb.metadata["slm_course"] = {"artefacts": [], "timeout": 60}
     path = tmp_path / name
     nbformat.write(nb, path)
@@ -28,6 +29,18 @@ def make_nb(tmp_path, name="07_demo.ipynb", params="SMOKE = False\nSEED = 0\nOUT
 
 def test_clean_notebook_passes(tmp_path):
     assert problems(make_nb(tmp_path)) == []
+
+
+def test_recipe_and_colab_conventions_are_checked(tmp_path):
+    path = make_nb(tmp_path)
+    nb = nbformat.read(path, 4)
+    nb.cells[3].metadata["tags"] = ["recipe"]                       # untitled, imports the course, no inputs declared
+    nb.cells[3].source = "from helpers import env\nx = 1"
+    del nb.cells[1]                                                 # no Colab cell
+    nbformat.write(nb, path)
+    found = " | ".join(problems(path))
+    for expected in ("must start with a '# recipe", "imports helpers", "recipe_inputs", "tagged 'colab'"):
+        assert expected in found, (expected, found)
 
 
 def test_outputs_are_flagged_and_strip_removes_them(tmp_path):
@@ -58,14 +71,14 @@ def test_runner_announces_each_code_cell_and_reports_failures(tmp_path):
     nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
     nbformat.write(nb, path)
     labels = cell_labels(path, parameterized=True)  # papermill inserts its injected cell after `parameters`
-    assert labels == ["", "SMOKE = False", "(papermill's injected parameters)", "x = 1", "assert x == 1"]
+    assert labels == ["", "import sys", "SMOKE = False", "(papermill's injected parameters)", "x = 1", "assert x == 1"]
     seen = []
     res = run_notebook(path, tmp_path / "out", ["-p", "SEED", "1"], timeout=120, progress=seen.append)
     assert res.status == "ok", res.detail
     assert [s.split("· ", 1)[1] for s in seen] == labels[1:]
-    assert all(f"cell {i}/5" in s for i, s in zip(range(2, 6), seen, strict=True))
+    assert all(f"cell {i}/6" in s for i, s in zip(range(2, 7), seen, strict=True))
     bad = tmp_path / "08_bad.ipynb"
-    nb.cells[2].source = "raise RuntimeError('boom in cell 3')"
+    nb.cells[3].source = "raise RuntimeError('boom in cell 3')"
     nbformat.write(nb, bad)
     res = run_notebook(bad, tmp_path / "out", timeout=120)
     assert res.status == "failed" and "boom in cell 3" in res.detail
