@@ -70,7 +70,7 @@ def tiny_qwen2(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem", ["02_load_4bit", "03_lora_target_modules", "04_sft_training"])
+@pytest.mark.parametrize("stem", ["03_lora_target_modules", "04_sft_training"])
 def test_notebook_smoke_on_a_second_architecture(stem, tiny_qwen2, tmp_path):
     """The recipes hold beyond the course's models: the smoke runs pass with MODEL = a tiny Qwen2 folder."""
     path = ROOT / "notebooks" / f"{stem}.ipynb"
