@@ -392,12 +392,16 @@ def gguf_complete(llm, prompt: str | Sequence[int], max_new_tokens: int, ban_eos
 
 def gguf_evaluate_task(llm, tokenizer, records: Sequence[Mapping], max_new_tokens: int = 48) -> dict:
     """`helpers.train.evaluate_task` for a GGUF model: the same prompts (formatted by `tokenizer`), greedy, scored alike."""
-    pairs = [data.split_record(r) for r in records]
-    prompts = [data.format_prompt(p, tokenizer) for p, _ in pairs]
-    runs = [gguf_complete(llm, p, max_new_tokens) for p in prompts]
-    outputs = [r["text"].strip() for r in runs]
-    return {"outputs": outputs, "finish_reasons": [r["finish_reason"] for r in runs],
-            "scores": data.score_predictions(outputs, [a for _, a in pairs])}
+    from helpers import train
+
+    runs: list[dict] = []
+
+    def complete(prompts: list[str]) -> list[str]:
+        runs.extend(gguf_complete(llm, p, max_new_tokens) for p in prompts)
+        return [r["text"].strip() for r in runs]
+
+    result = train.evaluate_task(None, tokenizer, records, generate_fn=complete)
+    return {**result, "finish_reasons": [r["finish_reason"] for r in runs]}
 
 
 def gguf_generation_speed(llm, prompts: Sequence[str] | str, max_new_tokens: int = 32, repeats: int = 1) -> dict:

@@ -319,14 +319,18 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
 
 
 def evaluate_task(model, tokenizer, records: Sequence[Mapping], max_new_tokens: int = 48, batch_size: int = 16,
-                  style: str = "auto") -> dict:
+                  style: str = "auto", generate_fn: Callable[[list[str]], list[str]] | None = None) -> dict:
     """Generate answers for held-out task records (chat or prompt/completion) and score them.
 
+    `generate_fn(prompts) -> answers` replaces transformers generation (e.g. a llama.cpp model, notebook 08).
     Returns {"outputs": [generated text], "scores": helpers.data.score_predictions(...)}.
     """
     pairs = [data.split_record(r) for r in records]
     prompts = [data.format_prompt(p, tokenizer, style) for p, _ in pairs]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if generate_fn is not None:
+        outputs = list(generate_fn(prompts))
+    else:
+        outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return {"outputs": outputs, "scores": data.score_predictions(outputs, [a for _, a in pairs])}
 
 
