@@ -245,8 +245,16 @@ def write_metrics(out: Path, notebook: str, metrics: dict, *, model: str, device
     if clash:
         raise ValueError(f"metrics repeat common keys with other values: {sorted(clash)}; rename them")
     record = json_safe({**common, **{k: v for k, v in metrics.items() if k not in common}})
-    (Path(out) / "metrics.json").write_text(json.dumps(record, indent=1))
+    write_json(Path(out) / "metrics.json", record)
     return record
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write `obj` as indented JSON (cleaned by `json_safe`: NaN → null, numpy scalars → numbers; else str())."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(obj), indent=1, default=str))
+    return path
 
 
 RECIPE_TAG = "recipe"

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from helpers import env
+from helpers import bench, data, env
 
 BENCHMARK_DIR = env.DATA_DIR / "benchmarks"
 TASK_YAML_DIR = BENCHMARK_DIR / "lm_eval_tasks"
@@ -127,8 +127,6 @@ def token_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], limit: i
     """The engine of continuation_logprobs on token ids: [(summed log-prob of cont, is greedy)] per (ctx, cont)."""
     import torch
 
-    from helpers.bench import eval_mode
-
     groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for i, (ctx, cont) in enumerate(pairs):
         if not cont or len(cont) > limit:
@@ -144,7 +142,7 @@ def token_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], limit: i
     device = next(model.parameters()).device
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
     # eval mode (dropout off; Phi has resid_pdrop 0.1) as lm-eval does, 4-bit-on-CPU safe (helpers.bench)
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), bench.eval_mode(model):
         for batch in batches:
             width = len(batch[0])
             ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -364,3 +362,52 @@ def lm_eval_mc(model, tokenizer, items: Sequence[dict], task: str = "arc_easy", 
     metrics = res["results"][name]
     return {"acc": metrics["acc,none"], "acc_norm": metrics["acc_norm,none"], "ids": [s["doc"].get("id") for s in samples],
             "lls": [[float(r[0]) for r in s["filtered_resps"]] for s in samples]}
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
+             **generate_kwargs) -> list[str]:
+    """Greedy completions for already formatted prompts (left-padded batches), special tokens stripped.
+
+    `generate_kwargs` go to `model.generate` (e.g. do_sample=True, num_return_sequences=n: n answers per prompt,
+    in prompt order).
+
+    Runs in `helpers.bench.eval_mode`: dropout off, but a 4-bit model on CPU keeps its 4-bit layers out of the
+    bitsandbytes repack that would silently stop LoRA gradients in a later training run (docs/sources.md#bnb-cpu-repack).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    if tokenizer.pad_token is None:  # Phi-2 has none; padded positions are masked out by the attention mask
+        tokenizer.pad_token = tokenizer.eos_token
+    side, outputs = tokenizer.padding_side, []
+    try:
+        tokenizer.padding_side = "left"
+        with torch.no_grad(), bench.eval_mode(model):
+            for i in range(0, len(prompts), batch_size):
+                enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(device)
+                out = model.generate(**enc, **{"max_new_tokens": max_new_tokens, "do_sample": False,
+                                               "pad_token_id": tokenizer.pad_token_id, **generate_kwargs})
+                outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [o.strip() for o in outputs]
+
+
+def evaluate_task(model, tokenizer, records: Sequence[Mapping], max_new_tokens: int = 48, batch_size: int = 16,
+                  style: str = "auto", generate_fn: Callable[[list[str]], list[str]] | None = None) -> dict:
+    """Generate answers for held-out task records (chat or prompt/completion) and score them.
+
+    `generate_fn(prompts) -> answers` replaces transformers generation (e.g. a llama.cpp model, notebook 08).
+    Returns {"outputs": [generated text], "scores": helpers.data.score_predictions(...)}.
+    """
+    pairs = [data.split_record(r) for r in records]
+    prompts = [data.format_prompt(p, tokenizer, style) for p, _ in pairs]
+    if generate_fn is not None:
+        outputs = list(generate_fn(prompts))
+    else:
+        outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return {"outputs": outputs, "scores": data.score_predictions(outputs, [a for _, a in pairs])}

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from helpers import data, env, models
+from helpers import data, env, evals, models
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the pinned llama-cpp-python: its sdist ships the converter, its wheel runs the files
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
@@ -391,16 +391,14 @@ def gguf_complete(llm, prompt: str | Sequence[int], max_new_tokens: int, ban_eos
 
 
 def gguf_evaluate_task(llm, tokenizer, records: Sequence[Mapping], max_new_tokens: int = 48) -> dict:
-    """`helpers.train.evaluate_task` for a GGUF model: the same prompts (formatted by `tokenizer`), greedy, scored alike."""
-    from helpers import train
-
+    """`helpers.evals.evaluate_task` for a GGUF model: the same prompts (formatted by `tokenizer`), greedy, scored alike."""
     runs: list[dict] = []
 
     def complete(prompts: list[str]) -> list[str]:
         runs.extend(gguf_complete(llm, p, max_new_tokens) for p in prompts)
         return [r["text"].strip() for r in runs]
 
-    result = train.evaluate_task(None, tokenizer, records, generate_fn=complete)
+    result = evals.evaluate_task(None, tokenizer, records, generate_fn=complete)
     return {**result, "finish_reasons": [r["finish_reason"] for r in runs]}
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import env
+from helpers import compat, env
 from helpers.quant import bnb_config
 
 MANIFEST = "slm_course_manifest.json"
@@ -113,11 +113,10 @@ def model_path(name_or_path: str) -> str:
 
 # ----------------------------------------------------------------------------------------- loading
 
-_STALE_KWARGS = {
-    "load_in_4bit": "quantization='nf4' (or quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))",
-    "load_in_8bit": "quantization='int8' (or quantization_config=BitsAndBytesConfig(load_in_8bit=True))",
-    "use_auth_token": "token=... (or set HF_TOKEN in the environment)",
-    "torch_dtype": "dtype=...",
+LOAD_HINTS = {  # load_model's own spelling of a removed from_pretrained argument's replacement
+    "load_in_4bit": "quantization='nf4'",
+    "load_in_8bit": "quantization='int8'",
+    "use_auth_token": "HF_TOKEN in the environment",
 }
 
 
@@ -136,9 +135,7 @@ def load_model(
     quant_storage: the dtype 4-bit weights are packed in ("uint8"; a float dtype for FSDP / ZeRO-3 sharding).
     An explicit device_map (even None, as FSDP / ZeRO-3 want) is passed through and the model is not moved.
     """
-    for old, new in _STALE_KWARGS.items():
-        if old in kwargs:
-            raise TypeError(f"load_model(): '{old}' is no longer accepted by transformers 5; use {new}.")
+    compat.check_kwargs("load_model()", kwargs, LOAD_HINTS)
     from transformers import AutoModelForCausalLM
 
     choice = env.choose_device(device or "auto")

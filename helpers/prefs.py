@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from helpers import data
+from helpers import data, evals
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 NEAR_MISS_KINDS = ("wrong_room", "wrong_device", "wrong_value", "missing_time", "invalid_json", "extra_chatter",
@@ -76,10 +76,8 @@ def sample_answers(model, tokenizer, prompts: Sequence[str], n_samples: int = 4,
     """`n_samples` sampled completions per formatted prompt (seeded, left-padded batches, special tokens stripped)."""
     import torch
 
-    from helpers import train
-
     torch.manual_seed(seed)
-    flat = train.generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample=True,
+    flat = evals.generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample=True,
                           temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n_samples)
     return [flat[j:j + n_samples] for j in range(0, len(flat), n_samples)]
 
@@ -306,8 +304,6 @@ def pair_margins(model, tokenizer, plain_pairs: Sequence[Mapping], beta: float, 
     tokenized prompt stops being a prefix of both prompt+chosen and prompt+rejected). 0 for every pair when π = π_ref.
     """
     from trl.trainer.utils import use_adapter
-
-    from helpers import evals
 
     seqs = []
     for p in plain_pairs:

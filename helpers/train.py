@@ -1,11 +1,14 @@
 """SFT training: one config dataclass → TRL's `SFTConfig` + `SFTTrainer` (current API), end to end.
 
-- :class:`TrainConfig` + :func:`build_trainer` + :func:`train` (resumable; adapter in safetensors, `metrics.json`,
-  `env.json`, `train_config.json`), the gradient check after the first step (:class:`GradientCheckCallback`).
-- :func:`estimate_memory`: weights at their precision, LoRA parameters, gradients, optimizer state, activations as
-  a function of batch, length and activation checkpointing, and the LM head's working set.
-- :func:`translate_legacy_args`: the old argument names of 2023-era scripts (the seed's) → today's, or an error
-  naming the replacement where no automatic mapping exists; :func:`route_args` says where each one goes.
+- :class:`TrainConfig` (a recipe file's fields; old argument names refused via `helpers.compat`) →
+  :func:`lora_config` / :func:`sft_config` → :func:`build_trainer`.
+- :func:`train` in named steps: load inputs, score before, build, train (peak memory measured), :func:`save_adapter`,
+  score after, :func:`training_metrics` (`metrics.json`, `env.json`, `train_config.json`); the gradient check after
+  the first step (:class:`GradientCheckCallback`).
+- Adapters afterwards: :func:`find_adapter`, :func:`load_trained`, :func:`model_card`, :func:`push_adapter`.
+
+Memory planning is `helpers.memory`; generation and task scoring are `helpers.evals`; the command-line launcher
+is `helpers.launch`.
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from helpers import bench, data, env, lora, models, quant
+from helpers import bench, compat, data, env, evals, lora, models, quant
 
 ADAPTER_DIR = "adapter"
-# notebook 04's profiles: one YAML recipe each, the same files `python -m helpers.sft --config` reads
+# notebook 04's profiles: one YAML recipe each, the same files `python -m helpers.launch --config` reads
 PROFILE_FILES = {"smoke": "configs/sft_smoke_tinyphi.yaml", "cpu": "configs/sft_cpu_smollm2.yaml",
                  "gpu": "configs/sft_phi2_qlora_t4.yaml"}
 CHECKPOINT_DIR = "checkpoints"
@@ -89,7 +92,7 @@ class TrainConfig:
                    "lr": "learning_rate", "schedule": "lr_scheduler_type", "optim": "optimizer",
                    "target_modules": "lora_targets", "r": "lora_r"}
         out = {}
-        for key, value in translate_legacy_args(values).items():
+        for key, value in compat.translate_legacy_args(values).items():
             key = aliases.get(key, key)
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=3)
@@ -285,55 +288,6 @@ def gradient_report(trainer) -> dict | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------- generation
-
-
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16,
-             **generate_kwargs) -> list[str]:
-    """Greedy completions for already formatted prompts (left-padded batches), special tokens stripped.
-
-    `generate_kwargs` go to `model.generate` (e.g. do_sample=True, num_return_sequences=n: n answers per prompt,
-    in prompt order).
-
-    Runs in `helpers.bench.eval_mode`: dropout off, but a 4-bit model on CPU keeps its 4-bit layers out of the
-    bitsandbytes repack that would silently stop LoRA gradients in a later training run (docs/sources.md#bnb-cpu-repack).
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    if tokenizer.pad_token is None:  # Phi-2 has none; padded positions are masked out by the attention mask
-        tokenizer.pad_token = tokenizer.eos_token
-    side, outputs = tokenizer.padding_side, []
-    try:
-        tokenizer.padding_side = "left"
-        with torch.no_grad(), bench.eval_mode(model):
-            for i in range(0, len(prompts), batch_size):
-                enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
-                out = model.generate(**enc, **{"max_new_tokens": max_new_tokens, "do_sample": False,
-                                               "pad_token_id": tokenizer.pad_token_id, **generate_kwargs})
-                outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [o.strip() for o in outputs]
-
-
-def evaluate_task(model, tokenizer, records: Sequence[Mapping], max_new_tokens: int = 48, batch_size: int = 16,
-                  style: str = "auto", generate_fn: Callable[[list[str]], list[str]] | None = None) -> dict:
-    """Generate answers for held-out task records (chat or prompt/completion) and score them.
-
-    `generate_fn(prompts) -> answers` replaces transformers generation (e.g. a llama.cpp model, notebook 08).
-    Returns {"outputs": [generated text], "scores": helpers.data.score_predictions(...)}.
-    """
-    pairs = [data.split_record(r) for r in records]
-    prompts = [data.format_prompt(p, tokenizer, style) for p, _ in pairs]
-    if generate_fn is not None:
-        outputs = list(generate_fn(prompts))
-    else:
-        outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return {"outputs": outputs, "scores": data.score_predictions(outputs, [a for _, a in pairs])}
-
-
 # ------------------------------------------------------------------------------------------- train()
 
 
@@ -439,7 +393,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, train_ds, eval_ds = _load_inputs(cfg, model, tokenizer, train_ds, eval_ds, dtype)
     heldout = heldout_records(cfg, eval_ds)
-    before = evaluate_task(model, tokenizer, heldout, cfg.max_new_tokens, cfg.eval_batch_size) if heldout else None
+    before = evals.evaluate_task(model, tokenizer, heldout, cfg.max_new_tokens, cfg.eval_batch_size) if heldout else None
 
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks)
     resume = cfg.resume_from_checkpoint
@@ -454,23 +408,15 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
 
     model = trainer.model
     model.config.use_cache = True
-    after = evaluate_task(model, tokenizer, heldout, cfg.max_new_tokens, cfg.eval_batch_size) if heldout else None
+    after = evals.evaluate_task(model, tokenizer, heldout, cfg.max_new_tokens, cfg.eval_batch_size) if heldout else None
     metrics = {**training_metrics(trainer, cfg, seconds, mem, device.device, dtype),
                "task_before": before["scores"] if before else None,
                "task_after": after["scores"] if after else None,
                "adapter_dir": str(adapter_dir), **dict(extra_metrics or {})}
     if main_process:
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "env.json", env.env_report(device))
+        env.write_json(out / "metrics.json", metrics)
+        env.write_json(out / "env.json", env.env_report(device))
     return TrainResult(trainer, model, tokenizer, metrics, adapter_dir, before, after)
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Write `obj` as indented JSON (cleaned by `env.json_safe`: NaN → null, numpy scalars → numbers; else str())."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(env.json_safe(obj), indent=1, default=str))
-    return path
 
 
 def load_trained(adapter_dir: str | Path, quantization: str | None = None, dtype: str | None = None,
@@ -546,280 +492,7 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, card: str) -> str:
     return f"pushed to {url} (private; make it public on the Hub when you are ready)"
 
 
-# ------------------------------------------------------------------------------------------- memory planner
-
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-# optimizer state bytes per trainable parameter
-OPTIMIZER_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_32bit": 8,
-                   "adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2, "sgd": 0, "adafactor": 4}
-LOGIT_CHUNK = 32768  # TRL's fused LM head projects at most this many vocabulary columns at a time
-
-
-@dataclass
-class MemoryEstimate:
-    """Predicted training memory by part (bytes) and the assumptions behind it."""
-
-    parts: dict[str, float]
-    assumptions: dict = field(default_factory=dict)
-
-    @property
-    def total(self) -> float:
-        """Sum of all parts, bytes."""
-        return float(sum(self.parts.values()))
-
-    def gib(self) -> dict[str, float]:
-        """Parts and total in GiB, rounded to 3 decimals."""
-        return {**{k: round(v / 2**30, 3) for k, v in self.parts.items()}, "total": round(self.total / 2**30, 3)}
-
-    def fits(self, budget_gib: float) -> bool:
-        """True if the total stays within `budget_gib`."""
-        return self.total <= budget_gib * 2**30
-
-
-def _skeleton(config_or_model):
-    """A model (real or meta-device skeleton) and its config from a model, a config or a shipped config name."""
-    from helpers import arch  # noqa: PLC0415 - arch sits below train in the import order
-
-    if hasattr(config_or_model, "named_modules"):
-        if getattr(config_or_model, "is_loaded_in_4bit", False) or getattr(config_or_model, "is_loaded_in_8bit", False):
-            return arch.meta_model(config_or_model.config), config_or_model.config  # packed weights miscount numel()
-        return config_or_model, config_or_model.config
-    config = arch.load_config(config_or_model) if isinstance(config_or_model, str) else config_or_model
-    return arch.meta_model(config), config
-
-
-def _activation_elements_per_token(config, model, targets, lora_dropout: float, attention: str, seq_len: int) -> dict:
-    """Elements saved for backward per token in one decoder layer, by part (a first-order count)."""
-    h = config.hidden_size
-    i = config.intermediate_size
-    a = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or a
-    d = getattr(config, "head_dim", None) or h // a
-    gated = getattr(config, "hidden_act", "") in ("silu", "swish") or getattr(config, "model_type", "") in (
-        "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3")
-    parallel = getattr(config, "model_type", "") == "phi"  # attention and MLP read the same LayerNorm output
-    attn = (1 + 1) * h + 2 * a * d + 2 * kv * d + a * d  # norm in/out, q and k (+rotated), v, attention output
-    mlp = (0 if parallel else 2 * h) + (4 * i if gated else 3 * i)  # norm in/out; gate,up,act,product | fc1,act,tmp
-    scores = 2 * a * seq_len if attention == "eager" else 0  # eager keeps softmax probs (+ dropout) per token
-    # LoRA: dropout(x) is a new tensor per adapted layer (when dropout > 0), plus the rank-r output of lora_A
-    layer = next(n for n, _ in model.named_modules() if n.endswith((".layers.0", ".h.0", ".blocks.0")))
-    modules = dict(model.named_modules())
-    adapted = [modules[n] for n in lora.matched_modules(model, targets) if n.startswith(layer + ".")]
-    lora_part = sum(getattr(m, "in_features", 0) for m in adapted) if lora_dropout > 0 else 0
-    return {"attention": attn + scores, "mlp": mlp, "lora": lora_part}
-
-
-def estimate_memory(
-    config_or_model,
-    quantization: str | None = None,
-    dtype: str = "float32",
-    lora_r: int = 16,
-    lora_targets: str | list[str] = "all-linear",
-    batch_size: int = 1,
-    seq_len: int = 512,
-    activation_checkpointing: bool = False,
-    optimizer: str = "adamw_torch",
-    adapter_dtype: str | None = None,
-    lora_dropout: float = 0.05,
-    attention: str = "sdpa",
-    double_quant: bool = False,
-    overhead_bytes: float = 0.0,
-) -> MemoryEstimate:
-    """Predict training memory for LoRA/QLoRA: weights, LoRA params, grads, optimizer state, activations, LM head.
-
-    `config_or_model`: a loaded model, a transformers config, or a shipped config name ("phi-2"). Weights: the
-    Linear layers (not the head) at `quantization` (bitsandbytes formats, helpers.quant), everything else at
-    `dtype`. LoRA parameters, gradients and optimizer state are per trainable parameter (`adapter_dtype`: TRL
-    keeps adapters in bf16 for quantized models, else fp32). Activations: per token per layer, the tensors
-    saved for backward (no checkpointing; checked against torch's saved-tensor hooks on SmolLM2 to within a
-    few %), or only each layer's input plus one layer recomputed (checkpointing); backward needs about one
-    layer's worth more; the fused LM head works on ≤ 32768 vocabulary columns at a time in fp32.
-    `overhead_bytes`: what the process holds anyway (CUDA context, the Python/torch runtime on CPU).
-    """
-    model, config = _skeleton(config_or_model)
-    from helpers import arch
-
-    n_params = sum(p.numel() for p in model.parameters())
-    act_bytes = DTYPE_BYTES[dtype]
-    if quantization:
-        q_weights, rows = arch.quantizable(model)
-        weights = quant.weight_bytes(q_weights, quantization, double_quant=double_quant,
-                                     rows=rows if quantization == "int8" else 0)
-        weights += quant.weight_bytes(n_params - q_weights, dtype)
-    else:
-        weights = quant.weight_bytes(n_params, dtype)
-    adapter_dtype = adapter_dtype or ("bfloat16" if quantization else "float32")
-    n_lora = lora.expected_lora_params(model, lora_targets, lora_r)
-    p_bytes = DTYPE_BYTES[adapter_dtype]
-    opt = OPTIMIZER_BYTES.get(optimizer.lower())
-    if opt is None:
-        raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_BYTES)}")
-
-    tokens = batch_size * seq_len
-    layers = config.num_hidden_layers
-    per_tok = _activation_elements_per_token(config, model, lora_targets, lora_dropout, attention, seq_len)
-    per_layer = tokens * sum(per_tok.values()) * act_bytes
-    if activation_checkpointing:
-        activations = layers * tokens * config.hidden_size * act_bytes + per_layer
-    else:
-        activations = layers * per_layer
-    backward = per_layer  # gradients flowing back through one layer are about the size of what it saved
-    vocab = model.get_output_embeddings().weight.shape[0]
-    head = tokens * config.hidden_size * 4 * 2 + tokens * min(vocab, LOGIT_CHUNK) * 4 * 2  # fp32 hidden + logit tiles
-    parts = {
-        "weights": weights,
-        "lora_params": n_lora * p_bytes,
-        "gradients": n_lora * p_bytes,
-        "optimizer_state": n_lora * opt,
-        "activations": activations,
-        "backward_working_set": backward,
-        "lm_head_working_set": head,
-        "overhead": overhead_bytes,
-    }
-    assumptions = {
-        "n_params": n_params, "lora_params": n_lora, "quantization": quantization, "dtype": dtype,
-        "adapter_dtype": adapter_dtype, "optimizer": optimizer, "batch_size": batch_size, "seq_len": seq_len,
-        "activation_checkpointing": activation_checkpointing, "attention": attention,
-        "activation_elements_per_token_per_layer": per_tok, "layers": layers,
-    }
-    return MemoryEstimate(parts, assumptions)
-
-
-# ------------------------------------------------------------------------------------------- old → new arguments
-
-
-class LegacyArgumentError(TypeError):
-    """An argument from an older transformers/TRL/peft API that has no automatic replacement; says what to do."""
-
-
-def _bnb_from(values: Mapping, bits: int):
-    from transformers import BitsAndBytesConfig
-
-    extra = {k: v for k, v in values.items() if k.startswith("bnb_4bit_") or k.startswith("llm_int8_")}
-    return BitsAndBytesConfig(**({"load_in_4bit": True} if bits == 4 else {"load_in_8bit": True}), **extra)
-
-
-@dataclass(frozen=True)
-class Legacy:
-    """One old argument: its replacement (None = no automatic mapping), where it goes now, and why."""
-
-    new: str | None
-    where: str
-    note: str
-    convert: Callable[[object, Mapping], object] | None = None
-    deprecated: bool = False  # still accepted today (with a warning), removal announced
-
-
-LEGACY_ARGS: dict[str, Legacy] = {
-    "tokenizer": Legacy("processing_class", "SFTTrainer", "renamed: a trainer takes any processor, not only a tokenizer"),
-    "max_seq_length": Legacy("max_length", "SFTConfig", "renamed and moved from SFTTrainer(...) to SFTConfig"),
-    "dataset_text_field": Legacy("dataset_text_field", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
-    "packing": Legacy("packing", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
-    "dataset_num_proc": Legacy("dataset_num_proc", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
-    "dataset_kwargs": Legacy("dataset_kwargs", "SFTConfig", "moved from SFTTrainer(...) to SFTConfig"),
-    "use_auth_token": Legacy("token", "from_pretrained", "renamed; better: set HF_TOKEN in the environment"),
-    "torch_dtype": Legacy("dtype", "from_pretrained", "renamed (torch_dtype= still works with a deprecation warning)",
-                          deprecated=True),
-    "load_in_4bit": Legacy("quantization_config", "from_pretrained",
-                           "bare kwarg removed: pass BitsAndBytesConfig(load_in_4bit=True, ...)",
-                           lambda v, d: _bnb_from(d, 4) if v else None),
-    "load_in_8bit": Legacy("quantization_config", "from_pretrained",
-                           "bare kwarg removed: pass BitsAndBytesConfig(load_in_8bit=True)",
-                           lambda v, d: _bnb_from(d, 8) if v else None),
-    "warmup_ratio": Legacy("warmup_steps", "SFTConfig", "merged into warmup_steps: a float < 1 is a fraction of the steps"),
-    "evaluation_strategy": Legacy("eval_strategy", "SFTConfig", "renamed"),
-    "gradient_checkpointing": Legacy("activation_checkpointing", "SFTConfig", "renamed (old name warns; removal in v6)",
-                                     deprecated=True),
-    "gradient_checkpointing_kwargs": Legacy("activation_checkpointing_kwargs", "SFTConfig",
-                                            "renamed (old name warns; removal in v6)", deprecated=True),
-    "no_cuda": Legacy("use_cpu", "SFTConfig", "renamed"),
-    "per_gpu_train_batch_size": Legacy("per_device_train_batch_size", "SFTConfig", "renamed"),
-    "per_gpu_eval_batch_size": Legacy("per_device_eval_batch_size", "SFTConfig", "renamed"),
-    "push_to_hub_token": Legacy("hub_token", "SFTConfig", "renamed; better: HF_TOKEN in the environment"),
-    "group_by_length": Legacy("train_sampling_strategy", "SFTConfig", "now one of the sampler strategies",
-                              lambda v, d: "group_by_length" if v else "random"),
-    "include_inputs_for_metrics": Legacy("include_for_metrics", "SFTConfig", "now a list of what to include",
-                                         lambda v, d: ["inputs"] if v else []),
-    "overwrite_output_dir": Legacy(None, "SFTConfig", (
-        "removed (the Trainer never deleted output_dir). To continue from the last checkpoint pass "
-        "resume_from_checkpoint=True to trainer.train() (TrainConfig.resume_from_checkpoint); to start over, use a new "
-        "output_dir")),
-    "logging_dir": Legacy(None, "SFTConfig", (
-        "removed: set the TENSORBOARD_LOGGING_DIR environment variable (with report_to='tensorboard'); "
-        "the default is output_dir/runs")),
-    "save_safetensors": Legacy(None, "SFTConfig", "removed: checkpoints are always safetensors now; delete the argument"),
-    "response_template": Legacy(None, "SFTTrainer", (
-        "DataCollatorForCompletionOnlyLM is gone from TRL: use prompt/completion records and "
-        "SFTConfig(completion_only_loss=True) (conversations: assistant_only_loss=True)")),
-    "num_of_sequences": Legacy(None, "SFTConfig", "removed with the old packing: packing=True packs into max_length blocks"),
-    "chars_per_token": Legacy(None, "SFTConfig", "removed with the old packing: packing=True packs into max_length blocks"),
-}
-_BNB_PREFIXES = ("bnb_4bit_", "llm_int8_")
-
-
-def translate_legacy_args(args: Mapping) -> dict:
-    """Map old-style arguments (the seed's era) to current names; raise LegacyArgumentError where there is no mapping.
-
-    Arguments that are still current pass through unchanged. Bare `bnb_4bit_*` kwargs are folded into the
-    `BitsAndBytesConfig` that replaces `load_in_4bit=True`. Giving an old name and its replacement together raises.
-    """
-    out: dict = {}
-    has_load = any(k in args for k in ("load_in_4bit", "load_in_8bit"))
-    for key, value in args.items():
-        if key.startswith(_BNB_PREFIXES):
-            if not has_load:
-                raise LegacyArgumentError(f"{key!r} is not a from_pretrained() argument any more: put it inside "
-                                          "quantization_config=BitsAndBytesConfig(...)")
-            continue  # folded into the BitsAndBytesConfig below
-        row = LEGACY_ARGS.get(key)
-        if row is None or row.new == key:
-            out[key] = value
-            continue
-        if row.new is None:
-            raise LegacyArgumentError(f"{key!r} no longer exists ({row.where}): {row.note}")
-        if row.new in args:
-            raise LegacyArgumentError(f"both {key!r} (old) and {row.new!r} (its replacement) were given: keep only {row.new!r}")
-        new_value = row.convert(value, args) if row.convert else value
-        if new_value is None and row.convert:
-            continue  # e.g. load_in_4bit=False: nothing to ask for
-        out[row.new] = new_value
-    return out
-
-
-def route_args(args: Mapping) -> dict[str, dict]:
-    """Group current argument names by where they go: from_pretrained, SFTTrainer, SFTConfig, LoraConfig."""
-    import inspect
-
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    dests = {  # first match wins: model-loading arguments go to from_pretrained even where TRL mirrors them
-        "from_pretrained": {"token", "dtype", "quantization_config", "device_map", "trust_remote_code", "revision",
-                            "attn_implementation", "low_cpu_mem_usage", "cache_dir", "local_files_only", "gguf_file"},
-        "SFTTrainer": set(inspect.signature(SFTTrainer.__init__).parameters) - {"self", "args"},
-        "SFTConfig": {f.name for f in dataclasses.fields(SFTConfig)},
-        "LoraConfig": {f.name for f in dataclasses.fields(LoraConfig)},
-    }
-    out: dict[str, dict] = {k: {} for k in dests}
-    for key, value in args.items():
-        where = next((d for d, names in dests.items() if key in names), None)
-        if where is None:
-            every = sorted(set().union(*dests.values()))
-            close = difflib.get_close_matches(key, every, n=3)
-            raise LegacyArgumentError(f"{key!r} is not an argument of {', '.join(dests)}"
-                                      + (f"; did you mean {close}?" if close else ""))
-        out[where][key] = value
-    return out
-
-
-def legacy_table() -> list[dict]:
-    """The old → new argument table (for notebooks and docs)."""
-    return [{"old": k, "new": v.new or "— (no automatic mapping)", "where": v.where, "note": v.note}
-            for k, v in LEGACY_ARGS.items()]
-
-
 __all__ = [
-    "TrainConfig", "build_trainer", "train", "estimate_memory", "translate_legacy_args", "route_args",
-    "GradientCheckCallback", "MemoryEstimate", "LegacyArgumentError", "load_trained", "loss_history",
-    "lora_config", "sft_config", "legacy_table", "write_json", "TrainResult", "generate", "evaluate_task",
+    "TrainConfig", "build_trainer", "train", "GradientCheckCallback", "load_trained", "loss_history", "lora_config",
+    "sft_config", "TrainResult", "find_adapter", "model_card", "push_adapter", "save_adapter", "training_metrics",
 ]

@@ -111,3 +111,12 @@ def test_write_metrics_common_keys_first_and_clashes_refused(tmp_path):
     with pytest.raises(ValueError, match="model"):
         env.write_metrics(tmp_path, "07_demo", {"model": "other"}, model="tiny-phi", device=dev, smoke=True, seed=0,
                           started=time.perf_counter())
+
+
+def test_write_json_shares_env_json_safe(tmp_path):
+    import math
+
+    import numpy as np
+
+    path = env.write_json(tmp_path / "m.json", {"nan": math.nan, "x": np.float32(2.5), "p": tmp_path})
+    assert json.loads(path.read_text()) == {"nan": None, "x": 2.5, "p": str(tmp_path)}

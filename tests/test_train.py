@@ -1,31 +1,20 @@
 """helpers.train: config → SFTConfig/SFTTrainer, labels (completion only, EOS kept), gradient check, train()
-end to end with resume and reload, the memory planner, and the old → new argument shield (every row)."""
+end to end with resume and reload, adapters (model card, push). The memory planner: test_memory.py; old → new
+arguments: test_compat.py; generation: test_evals.py."""
 
 import dataclasses
-import inspect
 import json
 import warnings
 
 import pytest
 import torch
 
-from helpers import data, env, lora, models, train
-from helpers.train import LEGACY_ARGS, LegacyArgumentError, TrainConfig
+from helpers import data, env, evals, memory, models, train
+from helpers.train import TrainConfig
 
 ROOT = env.REPO_ROOT
 
 # ------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    return models.build_tiny_phi()
-
-
-@pytest.fixture
-def tiny(tiny_dir):
-    torch.manual_seed(0)
-    return models.load_model(str(tiny_dir), dtype="float32", device="cpu"), models.load_tokenizer(str(tiny_dir))
 
 
 def task_ds(n, seed=0, split="train"):
@@ -147,12 +136,12 @@ def test_qlora_on_cpu_generate_then_train_keeps_gradients(tmp_path, tiny_dir):
     model = models.load_model(str(tiny_dir), quantization="nf4", dtype="float32", device="cpu")
     tok = models.load_tokenizer(str(tiny_dir))
     recs = list(task_ds(2, split="heldout"))
-    train.evaluate_task(model, tok, recs, max_new_tokens=3)  # eval-mode generation first (train.generate guards it)
+    evals.evaluate_task(model, tok, recs, max_new_tokens=3)  # eval-mode generation first (evals.generate guards it)
     cfg = cfg_for(tmp_path, quantization="nf4", max_steps=1, per_device_train_batch_size=2)
     res = train.train(cfg, model=model, tokenizer=tok, train_ds=task_ds(4))
     report = res.metrics["gradient_check"]
     assert report["zero"] == [] and report["n_tensors"] == 2 * 6 * model.config.num_hidden_layers
-    est = train.estimate_memory(model, quantization="nf4", lora_r=4)  # a loaded 4-bit model: counted from its config
+    est = memory.estimate_memory(model, quantization="nf4", lora_r=4)  # a loaded 4-bit model: counted from its config
     assert est.assumptions["n_params"] == sum(p.numel() for p in models.load_model(str(tiny_dir)).parameters())
 
 
@@ -222,7 +211,7 @@ def test_train_end_to_end_resume_and_reload(tmp_path, tiny):
     with torch.no_grad():
         torch.testing.assert_close(res.model(**ids).logits, reloaded(**ids).logits)
     prompts = [data.format_prompt(p, tok) for p, _ in map(data.split_record, list(held)[:2])]
-    assert train.generate(res.model, tok, prompts, 6) == train.generate(reloaded, tok2, prompts, 6)
+    assert evals.generate(res.model, tok, prompts, 6) == evals.generate(reloaded, tok2, prompts, 6)
     merged = reloaded.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, res.model(**ids).logits, rtol=1e-4, atol=1e-4)
@@ -241,184 +230,6 @@ def test_train_end_to_end_resume_and_reload(tmp_path, tiny):
     res2 = train.train(cfg2, model=fresh, tokenizer=tok, train_ds=task_ds(48), eval_ds=None, callbacks=[CountSteps()])
     assert res2.trainer.state.global_step == 8 and CountSteps.ran == [7, 8]  # only the new steps ran
     assert res2.metrics["loss_history"]["step"][:6] == m["loss_history"]["step"][:6]  # history carried over
-
-
-def test_generate_restores_tokenizer_and_scores(tiny):
-    model, tok = tiny
-    model.train()
-    side = tok.padding_side
-    recs = list(task_ds(3, split="heldout"))
-    out = train.evaluate_task(model, tok, recs, max_new_tokens=4, batch_size=2)
-    assert len(out["outputs"]) == 3 and out["scores"]["n"] == 3 and tok.padding_side == side
-    assert model.training is True  # generation ran in eval mode and gave the mode back
-    # batched (left-padded) generation gives the same text as one prompt at a time
-    prompts = [data.format_prompt(data.split_record(r)[0], tok) for r in recs]
-    assert train.generate(model, tok, prompts, 4, batch_size=1) == train.generate(model, tok, prompts, 4, batch_size=3)
-
-
-# ------------------------------------------------------------------------------------------- memory planner
-
-
-def test_estimate_memory_exact_parts(tiny):
-    model, _ = tiny
-    n = sum(p.numel() for p in model.parameters())
-    n_lora = lora.expected_lora_params(model, "all-linear", 8)
-    est = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0)
-    assert est.parts["weights"] == n * 4
-    assert est.parts["lora_params"] == est.parts["gradients"] == n_lora * 4
-    assert est.parts["optimizer_state"] == n_lora * 8
-    ckpt = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0,
-                                 activation_checkpointing=True)
-    assert ckpt.parts["activations"] < est.parts["activations"]
-    double = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=4, seq_len=64, lora_dropout=0.0)
-    assert double.parts["activations"] == 2 * est.parts["activations"]  # linear in batch (sdpa)
-    eager = train.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, attention="eager")
-    assert eager.parts["activations"] > est.parts["activations"]
-    nf4 = train.estimate_memory(model, quantization="nf4", dtype="float32", lora_r=8)
-    assert nf4.parts["weights"] < est.parts["weights"] and nf4.assumptions["adapter_dtype"] == "bfloat16"
-    assert est.total == sum(est.parts.values()) and est.fits(1.0)
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        train.estimate_memory(model, optimizer="lion")
-
-
-def test_phi2_qlora_recipe_on_a_t4():
-    targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
-    kw = dict(quantization="nf4", dtype="float16", lora_r=32, lora_targets=targets, batch_size=1, seq_len=2048,
-              optimizer="paged_adamw_32bit", lora_dropout=0.1, overhead_bytes=0.5 * 2**30)
-    est = train.estimate_memory("phi-2", activation_checkpointing=True, **kw)
-    assert est.assumptions["n_params"] == 2_779_683_840  # notebook 01: meta-device skeleton from Phi-2's config
-    assert est.assumptions["lora_params"] == 32 * (4 * 32 * (2560 + 2560) + 2 * 32 * (2560 + 10240))
-    assert 1.4 < est.parts["weights"] / 2**30 < 2.2  # NF4 linears + fp16 embedding/head
-    assert est.fits(16)
-    no_ckpt = train.estimate_memory("phi-2", activation_checkpointing=False, attention="eager", **kw)
-    assert not no_ckpt.fits(16)  # the seed's settings (no checkpointing then) at 2048 tokens
-
-
-# ------------------------------------------------------------------------------------------- old → new arguments
-
-SAMPLE_VALUE = {"load_in_4bit": True, "load_in_8bit": True, "group_by_length": True, "include_inputs_for_metrics": True,
-                "warmup_ratio": 0.03, "evaluation_strategy": "steps", "no_cuda": True, "max_seq_length": 2048,
-                "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
-                "per_gpu_train_batch_size": 2, "per_gpu_eval_batch_size": 2, "torch_dtype": "float16",
-                "use_auth_token": True, "push_to_hub_token": "x", "dataset_text_field": "text", "packing": False,
-                "dataset_num_proc": 2, "dataset_kwargs": {"skip_prepare_dataset": False}, "tokenizer": "TOK",
-                "overwrite_output_dir": True, "logging_dir": "./logs", "save_safetensors": True,
-                "response_template": "### Answer:", "num_of_sequences": 1024, "chars_per_token": 3.6}
-
-
-def _current_names(where):
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    if where == "SFTConfig":
-        return {f.name for f in dataclasses.fields(SFTConfig)}
-    if where == "SFTTrainer":
-        return set(inspect.signature(SFTTrainer.__init__).parameters)
-    if where == "LoraConfig":
-        return {f.name for f in dataclasses.fields(LoraConfig)}
-    return None
-
-
-def test_every_row_has_a_test_value():
-    assert set(SAMPLE_VALUE) == set(LEGACY_ARGS)
-
-
-@pytest.mark.parametrize("old", sorted(LEGACY_ARGS))
-def test_legacy_row(old):
-    row = LEGACY_ARGS[old]
-    value = SAMPLE_VALUE[old]
-    names = _current_names(row.where)
-    if names is not None and row.new != old:
-        if row.deprecated:  # still accepted with a warning: when it goes, flip the row to removed
-            assert old in names, f"{old} is gone from {row.where}: mark the row deprecated=False"
-        else:
-            assert old not in names, f"{old} still exists on {row.where}: the row is stale"
-    if row.new is None:
-        with pytest.raises(LegacyArgumentError) as info:
-            train.translate_legacy_args({old: value})
-        assert old in str(info.value) and len(str(info.value)) > 40  # says what to do instead
-        return
-    out = train.translate_legacy_args({old: value})
-    assert list(out) == [row.new]
-    if names is not None:
-        assert row.new in names, f"{row.new} is not an argument of {row.where}"
-    expected = {"group_by_length": "group_by_length", "include_inputs_for_metrics": ["inputs"]}.get(old, value)
-    if old in ("load_in_4bit", "load_in_8bit"):
-        from transformers import BitsAndBytesConfig
-
-        q = out["quantization_config"]
-        assert isinstance(q, BitsAndBytesConfig) and (q.load_in_4bit if old == "load_in_4bit" else q.load_in_8bit)
-    else:
-        assert out[row.new] == expected
-    assert train.route_args(out)[row.where] == out
-
-
-@pytest.mark.parametrize("old,value,kind", [
-    ("warmup_ratio", 0.03, "SFTConfig"), ("evaluation_strategy", "steps", "SFTConfig"), ("no_cuda", True, "SFTConfig"),
-    ("group_by_length", True, "SFTConfig"), ("logging_dir", "x", "SFTConfig"), ("overwrite_output_dir", True, "SFTConfig"),
-    ("max_seq_length", 16, "SFTConfig"), ("tokenizer", None, "SFTTrainer"), ("max_seq_length", 16, "SFTTrainer"),
-    ("dataset_text_field", "text", "SFTTrainer"),
-])
-def test_old_names_really_fail_today(old, value, kind):
-    from trl import SFTConfig, SFTTrainer
-
-    with pytest.raises(TypeError, match=old):
-        if kind == "SFTConfig":
-            SFTConfig(output_dir="/tmp/x", report_to="none", **{old: value})
-        else:
-            SFTTrainer(model=None, **{old: value})
-
-
-@pytest.mark.slow
-def test_old_from_pretrained_kwargs_fail_today(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    for kw in ({"use_auth_token": True}, {"load_in_4bit": True}):
-        with pytest.raises(TypeError):
-            AutoModelForCausalLM.from_pretrained(str(tiny_dir), **kw)
-    new = train.translate_legacy_args({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                       "bnb_4bit_compute_dtype": "float32", "torch_dtype": torch.float32})
-    assert new["quantization_config"].bnb_4bit_quant_type == "nf4" and new["dtype"] is torch.float32
-    m = AutoModelForCausalLM.from_pretrained(str(tiny_dir), device_map={"": "cpu"}, **new)
-    assert getattr(m, "is_loaded_in_4bit", False)
-
-
-def test_translate_edge_cases():
-    assert train.translate_legacy_args({"learning_rate": 2e-4, "optim": "paged_adamw_32bit"}) == {
-        "learning_rate": 2e-4, "optim": "paged_adamw_32bit"}
-    with pytest.raises(LegacyArgumentError, match="keep only 'warmup_steps'"):
-        train.translate_legacy_args({"warmup_ratio": 0.1, "warmup_steps": 10})
-    with pytest.raises(LegacyArgumentError, match="BitsAndBytesConfig"):
-        train.translate_legacy_args({"bnb_4bit_quant_type": "nf4"})
-    assert train.translate_legacy_args({"load_in_4bit": False}) == {}
-    assert train.translate_legacy_args({"group_by_length": False}) == {"train_sampling_strategy": "random"}
-    with pytest.raises(LegacyArgumentError, match="did you mean"):
-        train.route_args({"learnig_rate": 1e-4})
-
-
-def test_seed_script_translates_and_builds_today():
-    """The seed's TrainingArguments + SFTTrainer + from_pretrained kwargs → current, accepted by today's classes."""
-    from trl import SFTConfig
-
-    seed = dict(output_dir="./results", per_device_train_batch_size=1, gradient_accumulation_steps=4,
-                optim="paged_adamw_32bit", save_steps=500, logging_steps=10, learning_rate=2e-4, fp16=False,
-                bf16=False, max_grad_norm=0.3, max_steps=10000, warmup_ratio=0.03, group_by_length=True,
-                lr_scheduler_type="constant", dataset_text_field="text", max_seq_length=2048, tokenizer="TOK",
-                packing=False, use_auth_token=True, trust_remote_code=True)
-    routed = train.route_args(train.translate_legacy_args(seed))
-    assert routed["SFTTrainer"] == {"processing_class": "TOK"}
-    assert routed["from_pretrained"] == {"token": True, "trust_remote_code": True}
-    cfg = SFTConfig(**routed["SFTConfig"], report_to="none", use_cpu=True, activation_checkpointing=False)
-    assert cfg.max_length == 2048 and cfg.warmup_steps == 0.03 and cfg.train_sampling_strategy == "group_by_length"
-
-
-def test_write_json_shares_env_json_safe(tmp_path):
-    import math
-
-    import numpy as np
-
-    path = train.write_json(tmp_path / "m.json", {"nan": math.nan, "x": np.float32(2.5), "p": tmp_path})
-    assert json.loads(path.read_text()) == {"nan": None, "x": 2.5, "p": str(tmp_path)}
 
 
 def test_model_card_and_push_skips_with_a_reason(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """The notebook-04 recipe as a command, on one process or many, and resumable after an interruption.
 
-    python -m helpers.sft --config configs/sft_cpu_smollm2.yaml [--set max_steps=20 output_dir=build/x]
-    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m helpers.sft --config configs/sft_cpu_smollm2.yaml
+    python -m helpers.launch --config configs/sft_cpu_smollm2.yaml [--set max_steps=20 output_dir=build/x]
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m helpers.launch --config configs/sft_cpu_smollm2.yaml
 
 Training itself is `helpers.train.train` — the function notebook 04 calls — so the notebook and the command run
 the same code. This module only adds what a launched job needs around it:
@@ -13,8 +13,9 @@ the same code. This module only adds what a launched job needs around it:
   then exit with 128+signal; rerunning the same command continues from there;
 - rank awareness: refuses to run when the launcher started N processes but the trainer sees fewer (accelerate's
   `--cpu` launcher silently starts one), records per rank what it trained on (`<output_dir>/ranks/rank<i>.json`),
-  and loads a 4-bit model onto each rank's own GPU;
-- the per-rank memory and communication arithmetic of DDP / FSDP / ZeRO-3 (`per_rank_memory`), notebook 06.
+  and loads a 4-bit model onto each rank's own GPU.
+
+What each rank holds and sends (DDP / FSDP / ZeRO-3) is planned by `helpers.memory` (notebook 06).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from pathlib import Path
 
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
 LAUNCH_KEYS = {"quant_storage"}  # recipe keys for the launcher, not TrainConfig fields (under `launch:`)
-STRATEGIES = ("single", "ddp", "fsdp", "zero3")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -143,10 +143,10 @@ def check_launcher(environ: Mapping[str, str] | None = None) -> None:
     environ = os.environ if environ is None else environ
     if "MASTER_ADDR" in environ and "WORLD_SIZE" not in environ and "ACCELERATE_USE_CPU" in environ:
         raise SystemExit(
-            "helpers.sft: accelerate was asked for several processes but started ONE (its simple launcher, used for "
+            "helpers.launch: accelerate was asked for several processes but started ONE (its simple launcher, used for "
             "--cpu or with fewer GPUs than processes, runs several only through mpirun). For N processes on one CPU "
             "machine use\n"
-            "  accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m helpers.sft --config ...\n"
+            "  accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m helpers.launch --config ...\n"
             "(torchrun-based launch; the recipe picks the CPU and accelerate the gloo backend)."
         )
 
@@ -300,67 +300,12 @@ def load_model_for_launch(cfg, launch_opts: Mapping, launch: Launch):
                              device_map={"": launch.local_rank})
 
 
-# ------------------------------------------------------------------------------------------- per-rank arithmetic
-
-
-def unit_bytes(config_or_name, quantization: str | None, dtype: str, double_quant: bool = False) -> dict[str, float]:
-    """Bytes of the largest sharding unit: one decoder layer (Linear at `quantization`) and the root (embeddings, head)."""
-    from torch import nn
-
-    from helpers import arch, quant
-
-    config = arch.load_config(config_or_name) if isinstance(config_or_name, str) else config_or_name
-    model = arch.meta_model(config)
-    layers = next(m for n, m in model.named_modules() if n.endswith(("layers", ".h")) and isinstance(m, nn.ModuleList))
-    layer = layers[0]
-    lin = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
-    rest = sum(p.numel() for p in layer.parameters()) - lin
-    q = quantization or dtype
-    layer_b = quant.weight_bytes(lin, q, double_quant=double_quant) + quant.weight_bytes(rest, dtype)
-    root = sum(p.numel() for p in model.parameters()) - len(layers) * sum(p.numel() for p in layer.parameters())
-    return {"layer": layer_b, "root": quant.weight_bytes(root, dtype)}
-
-
-def per_rank_memory(estimate, strategy: str, world_size: int, unit_bytes: float = 0.0) -> dict[str, float]:
-    """Split a single-process `helpers.train.estimate_memory` result into what ONE rank holds, in bytes.
-
-    - single / ddp: every rank holds everything (DDP replicates the model; only the batch is split).
-    - fsdp (FULL_SHARD) / zero3: weights, LoRA parameters, gradients and optimizer state are divided by the
-      world size, plus `unit_bytes` — the largest unit (a layer, or the root with embeddings and head)
-      gathered in full while it computes. Activations and the LM-head working set belong to the rank's own
-      per-device batch and do not shrink.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    parts = dict(estimate.parts)
-    if strategy in ("fsdp", "zero3"):
-        for key in ("weights", "lora_params", "gradients", "optimizer_state"):
-            parts[key] = parts[key] / world_size
-        parts["gathered_unit"] = unit_bytes
-    parts["total"] = sum(v for k, v in parts.items() if k != "total")
-    return parts
-
-
-def communication_bytes(estimate, strategy: str, world_size: int) -> float:
-    """Bytes each rank sends per optimizer step (ring collectives): DDP all-reduces the gradients, FSDP/ZeRO-3
-    all-gather the weights for forward and again for backward and reduce-scatter the gradients."""
-    if world_size <= 1 or strategy == "single":
-        return 0.0
-    f = (world_size - 1) / world_size
-    grads = estimate.parts["gradients"]
-    if strategy == "ddp":
-        return 2 * f * grads
-    if strategy in ("fsdp", "zero3"):
-        return f * (2 * estimate.parts["weights"] + estimate.parts["lora_params"] + grads)
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-
-
 # ------------------------------------------------------------------------------------------- command line
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface (`python -m helpers.sft --help`)."""
-    ap = argparse.ArgumentParser(prog="python -m helpers.sft", description=__doc__,
+    """The command-line interface (`python -m helpers.launch --help`)."""
+    ap = argparse.ArgumentParser(prog="python -m helpers.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML recipe (configs/sft_*.yaml): TrainConfig fields")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -397,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from helpers import train as train_mod
 
     cfg.resume_from_checkpoint = resolve_resume(cfg, args.resume)
-    say(f"helpers.sft: {args.config} → {cfg.output_dir} | {launch.world_size} process(es) | "
+    say(f"helpers.launch: {args.config} → {cfg.output_dir} | {launch.world_size} process(es) | "
         + (f"resuming from {cfg.resume_from_checkpoint}" if cfg.resume_from_checkpoint else "fresh start"), flush=True)
     stop = GracefulStop()
     recorder = RankRecorder(launch, Path(cfg.output_dir) / "ranks")
@@ -408,12 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "world_size": launch.world_size, "resumed_from": cfg.resume_from_checkpoint,
             "config_file": str(args.config), "overrides": list(args.set), **launch_opts}})
     except TrainingInterrupted as err:
-        say(f"helpers.sft: interrupted — {err}", flush=True)
+        say(f"helpers.launch: interrupted — {err}", flush=True)
         return 128 + err.signum
     finally:
         stop.restore()
     m = result.metrics
-    say(f"helpers.sft: done in {time.perf_counter() - t0:.1f} s — {m['steps']} steps, loss {m['first_loss']:.4f} → "
+    say(f"helpers.launch: done in {time.perf_counter() - t0:.1f} s — {m['steps']} steps, loss {m['first_loss']:.4f} → "
         f"{m['final_loss']:.4f}, adapter {result.adapter_dir}", flush=True)
     return 0
 

@@ -1,7 +1,7 @@
-"""helpers.sft, configs/ and the GPU lane.
+"""helpers.launch, configs/ and the GPU lane.
 
 Fast: recipes and accelerate configs parse, overrides, complete-vs-partial checkpoints, per-rank memory and
-communication arithmetic, the GPU workflow. Slow (real runs of `python -m helpers.sft`, each in subprocesses):
+communication arithmetic, the GPU workflow. Slow (real runs of `python -m helpers.launch`, each in subprocesses):
 - 2 processes (accelerate + torchrun, gloo) on the real SmolLM2-135M vs 1 process with the same global batch
   (2 ranks × 2 sequences = 1 process × 2 sequences × 2 accumulation steps): same batches, same losses, same adapter;
 - kill -9 after a checkpoint, rerun the same command: the final adapter and loss history equal the uninterrupted run;
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import data, env, sft, train
+from helpers import data, env, launch, memory, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -54,12 +54,12 @@ TINY = ["model=tiny-phi", "lora_r=4", "lora_alpha=8", "lora_dropout=0.1", "max_s
 
 
 def sft_cmd(*sets: str, resume: str = "auto") -> list[str]:
-    return [sys.executable, "-m", "helpers.sft", "--config", RECIPE, "--resume", resume, "--set", *sets]
+    return [sys.executable, "-m", "helpers.launch", "--config", RECIPE, "--resume", resume, "--set", *sets]
 
 
 def launch_cmd(accelerate_config: str, *sets: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-            "-m", "helpers.sft", "--config", RECIPE, "--set", *sets]
+            "-m", "helpers.launch", "--config", RECIPE, "--set", *sets]
 
 
 def run(cmd: list[str], timeout: float = 600, environ: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
@@ -89,8 +89,8 @@ def ranks(out: Path) -> list[dict]:
 
 
 def record(name: str, values: dict) -> None:
-    """Keep measured numbers for the docs: build/test_sft/<name>.json."""
-    train.write_json(env.build_dir("test_sft") / f"{name}.json", values)
+    """Keep measured numbers for the docs: build/test_launch/<name>.json."""
+    env.write_json(env.build_dir("test_launch") / f"{name}.json", values)
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +112,14 @@ def one_process(tmp_path_factory, task_file) -> dict:
 
 
 def test_recipes_are_train_configs_and_fit_their_gpus():
-    cpu, _ = sft.load_recipe(CONFIGS / "sft_cpu_smollm2.yaml")
-    t4, _ = sft.load_recipe(CONFIGS / "sft_phi2_qlora_t4.yaml")
-    a100, _ = sft.load_recipe(CONFIGS / "sft_phi2_qlora_a100.yaml")
+    cpu, _ = launch.load_recipe(CONFIGS / "sft_cpu_smollm2.yaml")
+    t4, _ = launch.load_recipe(CONFIGS / "sft_phi2_qlora_t4.yaml")
+    a100, _ = launch.load_recipe(CONFIGS / "sft_phi2_qlora_a100.yaml")
     assert (cpu.model, cpu.quantization) == ("smollm2-135m", None)
     assert (t4.model, t4.quantization, a100.quantization) == ("phi-2", "nf4", "nf4")
     assert t4.dtype is None and a100.dtype is None  # the card decides: fp16 on a T4, bf16 on an A100
     for cfg, budget in ((t4, 15.0), (a100, 40.0)):  # usable GiB
-        est = train.estimate_memory("phi-2", quantization=cfg.quantization, dtype="bfloat16", lora_r=cfg.lora_r,
+        est = memory.estimate_memory("phi-2", quantization=cfg.quantization, dtype="bfloat16", lora_r=cfg.lora_r,
                                     lora_targets=cfg.lora_targets, batch_size=cfg.per_device_train_batch_size,
                                     seq_len=cfg.max_length, activation_checkpointing=cfg.activation_checkpointing,
                                     optimizer=cfg.optimizer, double_quant=cfg.double_quant, overhead_bytes=0.5 * 2**30)
@@ -128,44 +128,44 @@ def test_recipes_are_train_configs_and_fit_their_gpus():
 
 
 def test_overrides_launch_options_and_unknown_keys():
-    cfg, launch = sft.load_recipe(RECIPE, ["max_steps=7", "lora_targets=[q_proj, v_proj]", "launch.quant_storage=bfloat16"])
-    assert cfg.max_steps == 7 and cfg.lora_targets == ["q_proj", "v_proj"] and launch == {"quant_storage": "bfloat16"}
-    assert sft.parse_override("dtype=null") == ("dtype", None)
+    cfg, opts = launch.load_recipe(RECIPE, ["max_steps=7", "lora_targets=[q_proj, v_proj]", "launch.quant_storage=bfloat16"])
+    assert cfg.max_steps == 7 and cfg.lora_targets == ["q_proj", "v_proj"] and opts == {"quant_storage": "bfloat16"}
+    assert launch.parse_override("dtype=null") == ("dtype", None)
     with pytest.raises(ValueError, match="did you mean.*max_steps"):
-        sft.load_recipe(RECIPE, ["max_step=3"])
+        launch.load_recipe(RECIPE, ["max_step=3"])
     with pytest.raises(ValueError, match="unknown launch option"):
-        sft.load_recipe(RECIPE, ["launch.zero_stage=3"])
+        launch.load_recipe(RECIPE, ["launch.zero_stage=3"])
     with pytest.raises(ValueError, match="key=value"):
-        sft.parse_override("max_steps")
+        launch.parse_override("max_steps")
 
 
 def _fake_checkpoint(folder: Path, skip: str = "", state: str = '{"global_step": 1}') -> None:
     folder.mkdir(parents=True)
-    for name in (*sft.CHECKPOINT_FILES, "rng_state.pth"):
+    for name in (*launch.CHECKPOINT_FILES, "rng_state.pth"):
         if name != skip:
             (folder / name).write_text(state if name == "trainer_state.json" else "x")
 
 
 def test_last_complete_checkpoint_skips_what_a_kill_cut_short(tmp_path):
     root = tmp_path / train.CHECKPOINT_DIR
-    assert sft.last_complete_checkpoint(tmp_path) is None
+    assert launch.last_complete_checkpoint(tmp_path) is None
     _fake_checkpoint(root / "checkpoint-2")
     _fake_checkpoint(root / "checkpoint-10")
     _fake_checkpoint(root / "checkpoint-12", skip="trainer_state.json")  # killed while saving
     _fake_checkpoint(root / "checkpoint-14", state='{"global_st')         # truncated state file
-    assert sft.last_complete_checkpoint(tmp_path) == root / "checkpoint-10"  # numeric order, not text order
-    cfg, _ = sft.load_recipe(RECIPE, [f"output_dir={tmp_path}"])
-    assert sft.resolve_resume(cfg, "auto") == str(root / "checkpoint-10")
-    assert sft.resolve_resume(cfg, "never") is None
+    assert launch.last_complete_checkpoint(tmp_path) == root / "checkpoint-10"  # numeric order, not text order
+    cfg, _ = launch.load_recipe(RECIPE, [f"output_dir={tmp_path}"])
+    assert launch.resolve_resume(cfg, "auto") == str(root / "checkpoint-10")
+    assert launch.resolve_resume(cfg, "never") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        sft.resolve_resume(cfg, str(root / "checkpoint-12"))
+        launch.resolve_resume(cfg, str(root / "checkpoint-12"))
 
 
 def test_launcher_guard_reads_accelerates_single_process_signature():
-    sft.check_launcher({})  # plain python: fine
-    sft.check_launcher({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "False"})  # torchrun
+    launch.check_launcher({})  # plain python: fine
+    launch.check_launcher({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "False"})  # torchrun
     with pytest.raises(SystemExit, match="cpu_2proc.yaml"):
-        sft.check_launcher({"MASTER_ADDR": "127.0.0.1", "ACCELERATE_USE_CPU": "True"})
+        launch.check_launcher({"MASTER_ADDR": "127.0.0.1", "ACCELERATE_USE_CPU": "True"})
 
 
 def test_accelerate_configs_parse_and_say_when_to_use_them():
@@ -182,26 +182,6 @@ def test_accelerate_configs_parse_and_say_when_to_use_them():
     assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_use_orig_params"] is False
     assert fsdp["fsdp_cpu_ram_efficient_loading"] is True
     assert ClusterConfig.from_yaml_file(CONFIGS / "accelerate" / "deepspeed_zero3.yaml").deepspeed_config["zero_stage"] == 3
-
-
-def test_per_rank_memory_and_communication_arithmetic():
-    est = train.estimate_memory("phi-2", quantization="nf4", dtype="bfloat16", lora_r=16, batch_size=4, seq_len=256,
-                                activation_checkpointing=True)
-    units = sft.unit_bytes("phi-2", "nf4", "bfloat16")
-    assert 30e6 < units["layer"] < 60e6  # one Phi-2 layer: 78.7M weights, 4-bit linear → ~40 MB
-    assert units["root"] > units["layer"]  # embedding + head (2 × 51200 × 2560 in bf16) outweigh a 4-bit layer
-    single = sft.per_rank_memory(est, "single", 1)
-    ddp = sft.per_rank_memory(est, "ddp", 4)
-    fsdp = sft.per_rank_memory(est, "fsdp", 4, unit_bytes=units["root"])
-    assert single["total"] == pytest.approx(est.total) and ddp["total"] == pytest.approx(est.total)  # DDP replicates
-    assert fsdp["weights"] == pytest.approx(est.parts["weights"] / 4)
-    assert fsdp["activations"] == est.parts["activations"]  # each rank's own batch
-    assert fsdp["total"] < ddp["total"]
-    assert sft.communication_bytes(est, "ddp", 4) == pytest.approx(1.5 * est.parts["gradients"])  # 2(N-1)/N
-    assert sft.communication_bytes(est, "fsdp", 4) > 20 * sft.communication_bytes(est, "ddp", 4)  # weights travel
-    assert sft.communication_bytes(est, "ddp", 1) == 0
-    with pytest.raises(ValueError):
-        sft.per_rank_memory(est, "zero2", 2)
 
 
 def test_gpu_workflow_runs_make_test_gpu_on_a_self_hosted_gpu_runner():
@@ -251,7 +231,7 @@ def test_kill_9_after_a_checkpoint_then_resume_equals_uninterrupted(tmp_path, ta
     proc = subprocess.Popen(sft_cmd(*sets), cwd=ROOT, env=RUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 400
-        while not sft.checkpoint_complete(out / "checkpoints" / "checkpoint-2"):
+        while not launch.checkpoint_complete(out / "checkpoints" / "checkpoint-2"):
             assert proc.poll() is None, "the run ended before it could be interrupted"
             assert time.time() < deadline, "no checkpoint within 400 s"
             time.sleep(0.1)
@@ -286,7 +266,7 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_same_adapter(tmp_path
                             stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.time() + 300
-        while not sft.checkpoint_complete(out / "checkpoints" / "checkpoint-5"):
+        while not launch.checkpoint_complete(out / "checkpoints" / "checkpoint-5"):
             assert proc.poll() is None, "the run ended before it could be interrupted"
             assert time.time() < deadline
             time.sleep(0.02)
@@ -299,7 +279,7 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_same_adapter(tmp_path
     assert "interrupted — SIGTERM at step" in stdout
     step = int(stdout.split("SIGTERM at step ")[1].split(":")[0])
     assert 5 <= step < 40
-    assert sft.last_complete_checkpoint(out).name == f"checkpoint-{step}"  # saved at the step it was told to stop
+    assert launch.last_complete_checkpoint(out).name == f"checkpoint-{step}"  # saved at the step it was told to stop
     assert not (out / "adapter").exists()
     run(sft_cmd(*sets, f"output_dir={out}"))
     m, ref = metrics(out), metrics(ref_out)
@@ -312,9 +292,9 @@ def test_sigterm_saves_the_current_step_and_resumes_to_the_same_adapter(tmp_path
 
 @pytest.mark.slow
 def test_accelerate_cpu_flag_single_process_is_refused():
-    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); helpers.sft says so and stops."""
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15); helpers.launch says so and stops."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "helpers.sft", "--config", RECIPE, "--print-config"]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "helpers.launch", "--config", RECIPE, "--print-config"]
     proc = subprocess.run(cmd, cwd=ROOT, env=RUN_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "started ONE" in proc.stderr and "cpu_2proc.yaml" in proc.stderr
@@ -329,7 +309,7 @@ def _gpu_run(tmp_path: Path, name: str, *sets: str) -> dict:
     model = models.resolve_model("auto", verbose=False)  # phi-2 with the hub, else the offline SmolLM2
     recipe = "sft_phi2_qlora_a100.yaml" if env.choose_device().dtype_name == "bfloat16" else "sft_phi2_qlora_t4.yaml"
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "helpers.sft", "--config", str(CONFIGS / recipe), "--set", f"model={model}",
+    cmd = [sys.executable, "-m", "helpers.launch", "--config", str(CONFIGS / recipe), "--set", f"model={model}",
            "max_steps=20", "logging_steps=2", "save_steps=10", "eval_samples=0", f"output_dir={out}", *sets]
     run(cmd, timeout=1800, environ=GPU_ENV)
     m = metrics(out)

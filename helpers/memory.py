@@ -1,0 +1,205 @@
+"""Training memory, planned before a run: weights, LoRA state, activations, LM head — and per rank when sharded.
+
+- :func:`estimate_memory`: what LoRA/QLoRA training holds on one process, by part (:class:`MemoryEstimate`),
+  checked against measured peaks in notebook 04 (`memory_check` in its metrics.json).
+- :func:`per_rank_memory`, :func:`communication_bytes`, :func:`unit_bytes`: the same estimate split over the
+  ranks of DDP / FSDP / ZeRO-3, the bytes each rank sends per step, and the largest unit FSDP gathers (notebook 06).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from helpers import arch, lora, quant
+
+STRATEGIES = ("single", "ddp", "fsdp", "zero3")
+
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+# optimizer state bytes per trainable parameter
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_32bit": 8,
+                   "adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2, "sgd": 0, "adafactor": 4}
+LOGIT_CHUNK = 32768  # TRL's fused LM head projects at most this many vocabulary columns at a time
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted training memory by part (bytes) and the assumptions behind it."""
+
+    parts: dict[str, float]
+    assumptions: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """Sum of all parts, bytes."""
+        return float(sum(self.parts.values()))
+
+    def gib(self) -> dict[str, float]:
+        """Parts and total in GiB, rounded to 3 decimals."""
+        return {**{k: round(v / 2**30, 3) for k, v in self.parts.items()}, "total": round(self.total / 2**30, 3)}
+
+    def fits(self, budget_gib: float) -> bool:
+        """True if the total stays within `budget_gib`."""
+        return self.total <= budget_gib * 2**30
+
+
+def _skeleton(config_or_model):
+    """A model (real or meta-device skeleton) and its config from a model, a config or a shipped config name."""
+    if hasattr(config_or_model, "named_modules"):
+        if getattr(config_or_model, "is_loaded_in_4bit", False) or getattr(config_or_model, "is_loaded_in_8bit", False):
+            return arch.meta_model(config_or_model.config), config_or_model.config  # packed weights miscount numel()
+        return config_or_model, config_or_model.config
+    config = arch.load_config(config_or_model) if isinstance(config_or_model, str) else config_or_model
+    return arch.meta_model(config), config
+
+
+def _activation_elements_per_token(config, model, targets, lora_dropout: float, attention: str, seq_len: int) -> dict:
+    """Elements saved for backward per token in one decoder layer, by part (a first-order count)."""
+    h = config.hidden_size
+    i = config.intermediate_size
+    a = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or a
+    d = getattr(config, "head_dim", None) or h // a
+    gated = getattr(config, "hidden_act", "") in ("silu", "swish") or getattr(config, "model_type", "") in (
+        "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3")
+    parallel = getattr(config, "model_type", "") == "phi"  # attention and MLP read the same LayerNorm output
+    attn = (1 + 1) * h + 2 * a * d + 2 * kv * d + a * d  # norm in/out, q and k (+rotated), v, attention output
+    mlp = (0 if parallel else 2 * h) + (4 * i if gated else 3 * i)  # norm in/out; gate,up,act,product | fc1,act,tmp
+    scores = 2 * a * seq_len if attention == "eager" else 0  # eager keeps softmax probs (+ dropout) per token
+    # LoRA: dropout(x) is a new tensor per adapted layer (when dropout > 0), plus the rank-r output of lora_A
+    layer = next(n for n, _ in model.named_modules() if n.endswith((".layers.0", ".h.0", ".blocks.0")))
+    modules = dict(model.named_modules())
+    adapted = [modules[n] for n in lora.matched_modules(model, targets) if n.startswith(layer + ".")]
+    lora_part = sum(getattr(m, "in_features", 0) for m in adapted) if lora_dropout > 0 else 0
+    return {"attention": attn + scores, "mlp": mlp, "lora": lora_part}
+
+
+def estimate_memory(
+    config_or_model,
+    quantization: str | None = None,
+    dtype: str = "float32",
+    lora_r: int = 16,
+    lora_targets: str | list[str] = "all-linear",
+    batch_size: int = 1,
+    seq_len: int = 512,
+    activation_checkpointing: bool = False,
+    optimizer: str = "adamw_torch",
+    adapter_dtype: str | None = None,
+    lora_dropout: float = 0.05,
+    attention: str = "sdpa",
+    double_quant: bool = False,
+    overhead_bytes: float = 0.0,
+) -> MemoryEstimate:
+    """Predict training memory for LoRA/QLoRA: weights, LoRA params, grads, optimizer state, activations, LM head.
+
+    `config_or_model`: a loaded model, a transformers config, or a shipped config name ("phi-2"). Weights: the
+    Linear layers (not the head) at `quantization` (bitsandbytes formats, helpers.quant), everything else at
+    `dtype`. LoRA parameters, gradients and optimizer state are per trainable parameter (`adapter_dtype`: TRL
+    keeps adapters in bf16 for quantized models, else fp32). Activations: per token per layer, the tensors
+    saved for backward (no checkpointing; checked against torch's saved-tensor hooks on SmolLM2 to within a
+    few %), or only each layer's input plus one layer recomputed (checkpointing); backward needs about one
+    layer's worth more; the fused LM head works on ≤ 32768 vocabulary columns at a time in fp32.
+    `overhead_bytes`: what the process holds anyway (CUDA context, the Python/torch runtime on CPU).
+    """
+    model, config = _skeleton(config_or_model)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    act_bytes = DTYPE_BYTES[dtype]
+    if quantization:
+        q_weights, rows = arch.quantizable(model)
+        weights = quant.weight_bytes(q_weights, quantization, double_quant=double_quant,
+                                     rows=rows if quantization == "int8" else 0)
+        weights += quant.weight_bytes(n_params - q_weights, dtype)
+    else:
+        weights = quant.weight_bytes(n_params, dtype)
+    adapter_dtype = adapter_dtype or ("bfloat16" if quantization else "float32")
+    n_lora = lora.expected_lora_params(model, lora_targets, lora_r)
+    p_bytes = DTYPE_BYTES[adapter_dtype]
+    opt = OPTIMIZER_BYTES.get(optimizer.lower())
+    if opt is None:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_BYTES)}")
+
+    tokens = batch_size * seq_len
+    layers = config.num_hidden_layers
+    per_tok = _activation_elements_per_token(config, model, lora_targets, lora_dropout, attention, seq_len)
+    per_layer = tokens * sum(per_tok.values()) * act_bytes
+    if activation_checkpointing:
+        activations = layers * tokens * config.hidden_size * act_bytes + per_layer
+    else:
+        activations = layers * per_layer
+    backward = per_layer  # gradients flowing back through one layer are about the size of what it saved
+    vocab = model.get_output_embeddings().weight.shape[0]
+    head = tokens * config.hidden_size * 4 * 2 + tokens * min(vocab, LOGIT_CHUNK) * 4 * 2  # fp32 hidden + logit tiles
+    parts = {
+        "weights": weights,
+        "lora_params": n_lora * p_bytes,
+        "gradients": n_lora * p_bytes,
+        "optimizer_state": n_lora * opt,
+        "activations": activations,
+        "backward_working_set": backward,
+        "lm_head_working_set": head,
+        "overhead": overhead_bytes,
+    }
+    assumptions = {
+        "n_params": n_params, "lora_params": n_lora, "quantization": quantization, "dtype": dtype,
+        "adapter_dtype": adapter_dtype, "optimizer": optimizer, "batch_size": batch_size, "seq_len": seq_len,
+        "activation_checkpointing": activation_checkpointing, "attention": attention,
+        "activation_elements_per_token_per_layer": per_tok, "layers": layers,
+    }
+    return MemoryEstimate(parts, assumptions)
+
+
+
+
+def unit_bytes(config_or_name, quantization: str | None, dtype: str, double_quant: bool = False) -> dict[str, float]:
+    """Bytes of the largest sharding unit: one decoder layer (Linear at `quantization`) and the root (embeddings, head)."""
+    from torch import nn
+
+    config = arch.load_config(config_or_name) if isinstance(config_or_name, str) else config_or_name
+    model = arch.meta_model(config)
+    layers = next(m for n, m in model.named_modules() if n.endswith(("layers", ".h")) and isinstance(m, nn.ModuleList))
+    layer = layers[0]
+    lin = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
+    rest = sum(p.numel() for p in layer.parameters()) - lin
+    q = quantization or dtype
+    layer_b = quant.weight_bytes(lin, q, double_quant=double_quant) + quant.weight_bytes(rest, dtype)
+    root = sum(p.numel() for p in model.parameters()) - len(layers) * sum(p.numel() for p in layer.parameters())
+    return {"layer": layer_b, "root": quant.weight_bytes(root, dtype)}
+
+
+def per_rank_memory(estimate, strategy: str, world_size: int, unit_bytes: float = 0.0) -> dict[str, float]:
+    """Split a single-process `estimate_memory` result into what ONE rank holds, in bytes.
+
+    - single / ddp: every rank holds everything (DDP replicates the model; only the batch is split).
+    - fsdp (FULL_SHARD) / zero3: weights, LoRA parameters, gradients and optimizer state are divided by the
+      world size, plus `unit_bytes` — the largest unit (a layer, or the root with embeddings and head)
+      gathered in full while it computes. Activations and the LM-head working set belong to the rank's own
+      per-device batch and do not shrink.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    parts = dict(estimate.parts)
+    if strategy in ("fsdp", "zero3"):
+        for key in ("weights", "lora_params", "gradients", "optimizer_state"):
+            parts[key] = parts[key] / world_size
+        parts["gathered_unit"] = unit_bytes
+    parts["total"] = sum(v for k, v in parts.items() if k != "total")
+    return parts
+
+
+def communication_bytes(estimate, strategy: str, world_size: int) -> float:
+    """Bytes each rank sends per optimizer step (ring collectives): DDP all-reduces the gradients, FSDP/ZeRO-3
+    all-gather the weights for forward and again for backward and reduce-scatter the gradients."""
+    if world_size <= 1 or strategy == "single":
+        return 0.0
+    f = (world_size - 1) / world_size
+    grads = estimate.parts["gradients"]
+    if strategy == "ddp":
+        return 2 * f * grads
+    if strategy in ("fsdp", "zero3"):
+        return f * (2 * estimate.parts["weights"] + estimate.parts["lora_params"] + grads)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+__all__ = ["DTYPE_BYTES", "OPTIMIZER_BYTES", "STRATEGIES", "MemoryEstimate", "communication_bytes", "estimate_memory",
+           "per_rank_memory", "unit_bytes"]

@@ -1,0 +1,60 @@
+"""helpers.memory: the training-memory planner (exact parts, scaling, the Phi-2 T4 case) and the per-rank split."""
+
+import pytest
+
+from helpers import lora, memory
+
+
+def test_estimate_memory_exact_parts(tiny):
+    model, _ = tiny
+    n = sum(p.numel() for p in model.parameters())
+    n_lora = lora.expected_lora_params(model, "all-linear", 8)
+    est = memory.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0)
+    assert est.parts["weights"] == n * 4
+    assert est.parts["lora_params"] == est.parts["gradients"] == n_lora * 4
+    assert est.parts["optimizer_state"] == n_lora * 8
+    ckpt = memory.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0,
+                                 activation_checkpointing=True)
+    assert ckpt.parts["activations"] < est.parts["activations"]
+    double = memory.estimate_memory(model, dtype="float32", lora_r=8, batch_size=4, seq_len=64, lora_dropout=0.0)
+    assert double.parts["activations"] == 2 * est.parts["activations"]  # linear in batch (sdpa)
+    eager = memory.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, attention="eager")
+    assert eager.parts["activations"] > est.parts["activations"]
+    nf4 = memory.estimate_memory(model, quantization="nf4", dtype="float32", lora_r=8)
+    assert nf4.parts["weights"] < est.parts["weights"] and nf4.assumptions["adapter_dtype"] == "bfloat16"
+    assert est.total == sum(est.parts.values()) and est.fits(1.0)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        memory.estimate_memory(model, optimizer="lion")
+
+
+def test_phi2_qlora_recipe_on_a_t4():
+    targets = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    kw = dict(quantization="nf4", dtype="float16", lora_r=32, lora_targets=targets, batch_size=1, seq_len=2048,
+              optimizer="paged_adamw_32bit", lora_dropout=0.1, overhead_bytes=0.5 * 2**30)
+    est = memory.estimate_memory("phi-2", activation_checkpointing=True, **kw)
+    assert est.assumptions["n_params"] == 2_779_683_840  # notebook 01: meta-device skeleton from Phi-2's config
+    assert est.assumptions["lora_params"] == 32 * (4 * 32 * (2560 + 2560) + 2 * 32 * (2560 + 10240))
+    assert 1.4 < est.parts["weights"] / 2**30 < 2.2  # NF4 linears + fp16 embedding/head
+    assert est.fits(16)
+    no_ckpt = memory.estimate_memory("phi-2", activation_checkpointing=False, attention="eager", **kw)
+    assert not no_ckpt.fits(16)  # the seed's settings (no checkpointing then) at 2048 tokens
+
+
+def test_per_rank_memory_and_communication_arithmetic():
+    est = memory.estimate_memory("phi-2", quantization="nf4", dtype="bfloat16", lora_r=16, batch_size=4, seq_len=256,
+                                activation_checkpointing=True)
+    units = memory.unit_bytes("phi-2", "nf4", "bfloat16")
+    assert 30e6 < units["layer"] < 60e6  # one Phi-2 layer: 78.7M weights, 4-bit linear → ~40 MB
+    assert units["root"] > units["layer"]  # embedding + head (2 × 51200 × 2560 in bf16) outweigh a 4-bit layer
+    single = memory.per_rank_memory(est, "single", 1)
+    ddp = memory.per_rank_memory(est, "ddp", 4)
+    fsdp = memory.per_rank_memory(est, "fsdp", 4, unit_bytes=units["root"])
+    assert single["total"] == pytest.approx(est.total) and ddp["total"] == pytest.approx(est.total)  # DDP replicates
+    assert fsdp["weights"] == pytest.approx(est.parts["weights"] / 4)
+    assert fsdp["activations"] == est.parts["activations"]  # each rank's own batch
+    assert fsdp["total"] < ddp["total"]
+    assert memory.communication_bytes(est, "ddp", 4) == pytest.approx(1.5 * est.parts["gradients"])  # 2(N-1)/N
+    assert memory.communication_bytes(est, "fsdp", 4) > 20 * memory.communication_bytes(est, "ddp", 4)  # weights travel
+    assert memory.communication_bytes(est, "ddp", 1) == 0
+    with pytest.raises(ValueError):
+        memory.per_rank_memory(est, "zero2", 2)
