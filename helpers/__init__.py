@@ -4,5 +4,5 @@ Import the modules you need, e.g. ``from helpers import env, models``; nothing h
 `__all__` lists the modules bottom to top: a module imports only modules listed before it (tests/test_package.py).
 """
 
-__all__ = ["env", "plots", "compat", "quant", "models", "arch", "lora", "memory", "data", "bench", "evals", "train",
+__all__ = ["env", "roles", "plots", "compat", "quant", "models", "arch", "lora", "memory", "data", "bench", "evals", "train",
            "launch", "prefs", "export"]

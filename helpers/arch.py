@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from helpers import env, quant
+from helpers import env, quant, roles
 
 CONFIG_DIR = env.DATA_DIR / "configs"
 
@@ -42,9 +42,8 @@ PRECISIONS = {
 # Nominal memory of common GPUs, GiB (vendor data sheets; usable memory is slightly less)
 GPU_MEMORY_GIB = {"T4 16 GB": 16, "L4 24 GB": 24, "A100 40 GB": 40, "A100 80 GB": 80}
 
-# Which leaf names belong to attention and to the MLP, for the coarse grouping only (Phi, Llama/Mistral names)
-ATTENTION_ROLES = ("q_proj", "k_proj", "v_proj", "dense", "o_proj", "qkv_proj", "Wqkv", "out_proj")
-MLP_ROLES = ("fc1", "fc2", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
+# The coarse groups of `group_roles`, in display order
+GROUPS = ("embedding", "attention", "mlp", "norms", "head", "other")
 
 
 def config_names() -> list[str]:
@@ -88,28 +87,30 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def _role(module, name: str, head) -> str | None:
-    """The role of a module that owns parameters directly: embedding, head, norm or the Linear's leaf name."""
-    from torch import nn
-
-    if module is head:
-        return "head"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if "norm" in type(module).__name__.lower():
-        return "norm"
-    if isinstance(module, nn.Linear):
-        return name.rsplit(".", 1)[-1]
-    return "other"
+def _linear_keys(model) -> dict[str, tuple[str, str]]:
+    """Full name -> (key, group) of each linear layer: the key is its leaf name, parent-qualified ("attn.c_proj")
+    when the same leaf name sits in two groups (GPT-2's c_proj); the group is attention, mlp or other (helpers.roles).
+    """
+    groups = {name: roles.GROUP_OF[role] for name, role in roles.linear_roles(model).items()}
+    by_leaf: dict[str, set[str]] = {}
+    for name, group in groups.items():
+        by_leaf.setdefault(name.rsplit(".", 1)[-1], set()).add(group)
+    keys = {}
+    for name, group in groups.items():
+        leaf = name.rsplit(".", 1)[-1]
+        keys[name] = (leaf if len(by_leaf[leaf]) == 1 else ".".join(name.split(".")[-2:]), group)
+    return keys
 
 
 def count_params_by_role(model) -> dict[str, int]:
     """Parameter count per role: 'embedding', each Linear leaf name (q_proj, …, fc2), 'norm', 'head', 'other'.
 
-    Each parameter is counted once (a head tied to the embedding adds nothing); biases count with their layer.
-    The values sum to `sum(p.numel() for p in model.parameters())`.
+    Roles come from `helpers.roles.module_kind`; a linear layer is keyed by its leaf name (parent-qualified when
+    ambiguous, see `_linear_keys`). Each parameter is counted once (a head tied to the embedding adds nothing);
+    biases count with their layer. The values sum to `sum(p.numel() for p in model.parameters())`.
     """
-    head = model.get_output_embeddings()
+    head, embedding = roles.head_module(model), roles.embedding_module(model)
+    keys = _linear_keys(model)
     seen: set[int] = set()
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -117,25 +118,24 @@ def count_params_by_role(model) -> dict[str, int]:
         if not own:
             continue
         seen.update(id(p) for p in own)
-        role = _role(module, name, head)
+        role = roles.module_kind(module, head, embedding)
+        if role == "linear":
+            role = keys[name][0] if name in keys else name.rsplit(".", 1)[-1]
         counts[role] = counts.get(role, 0) + sum(p.numel() for p in own)
     return counts
 
 
-def group_roles(counts: Mapping[str, int]) -> dict[str, int]:
-    """Coarse groups of `count_params_by_role`: embedding, attention, mlp, norms, head, other."""
-    out = dict.fromkeys(("embedding", "attention", "mlp", "norms", "head", "other"), 0)
+def group_roles(counts: Mapping[str, int], model) -> dict[str, int]:
+    """Coarse groups of `count_params_by_role(model)`: embedding, attention, mlp, norms, head, other.
+
+    A linear layer's group (attention or mlp) comes from the model's structure (`helpers.roles.linear_roles`),
+    so `model` must be the one the counts were taken from.
+    """
+    group_of = {key: group for key, group in _linear_keys(model).values()}
+    group_of.update({"embedding": "embedding", "head": "head", "norm": "norms"})
+    out = dict.fromkeys(GROUPS, 0)
     for role, n in counts.items():
-        if role in ATTENTION_ROLES:
-            out["attention"] += n
-        elif role in MLP_ROLES:
-            out["mlp"] += n
-        elif role == "norm":
-            out["norms"] += n
-        elif role in out:
-            out[role] += n
-        else:
-            out["other"] += n
+        out[group_of.get(role, "other")] += n
     return out
 
 
@@ -182,16 +182,9 @@ def find_configs(names: Iterable[str] | None = None, **shape) -> list[str]:
 
 
 def quantizable(model) -> tuple[int, int]:
-    """(weights, output rows) of the Linear layers bitsandbytes would quantize: every nn.Linear but the head."""
-    from torch import nn
-
-    head = model.get_output_embeddings()
-    weights = rows = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module is not head:
-            weights += module.weight.numel()
-            rows += module.weight.shape[0]
-    return weights, rows
+    """(weights, output rows) of the Linear layers bitsandbytes would quantize (`helpers.quant.quantizable_linears`)."""
+    layers = quant.quantizable_linears(model)
+    return sum(n for _, n, _ in layers), sum(r for _, _, r in layers)
 
 
 def memory_by_precision(

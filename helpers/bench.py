@@ -1,9 +1,12 @@
-"""Benchmark harness: perplexity, generation speed, peak memory (RSS on CPU, max allocated on CUDA), timing.
+"""Benchmark harness: generation speed, peak memory (RSS on CPU, max allocated on CUDA), timing, footprint, eval_mode.
+
+Log-likelihoods (perplexity, continuation scoring) are evaluation: they live in ``helpers.evals``, which runs its
+one engine inside :func:`eval_mode` from here.
 
 4-bit models on CPU and the silent bitsandbytes bug (``docs/sources.md#bnb-cpu-repack``): bitsandbytes 0.50 repacks a
 ``Linear4bit`` for its CPU inference kernel the first time it runs in eval mode without gradients, and after
-that backward no longer reaches LoRA adapters on those layers. Everything here that runs a model forward does
-it inside :func:`eval_mode`, which puts the model in eval mode (dropout off) but, with ``guard_4bit=True`` (the
+that backward no longer reaches LoRA adapters on those layers. Everything here (and in ``helpers.evals``) that
+runs a model forward does it inside :func:`eval_mode`, which puts the model in eval mode (dropout off) but, with ``guard_4bit=True`` (the
 default), leaves the 4-bit Linear modules themselves flagged as training. Their training flag controls nothing
 but that repack, so the numbers are unchanged (computed in the model's own compute dtype), and the model stays
 fit for training afterwards. The cost: the repacked kernel can be faster for inference; pass
@@ -56,81 +59,64 @@ def eval_mode(model, guard_4bit: bool = True) -> Iterator:
             m.training = training
 
 
-# ------------------------------------------------------------------------------------------- perplexity
-
-
-def _windows(ids: Sequence[int], max_length: int) -> list[list[int]]:
-    """Split one token sequence into consecutive, non-overlapping windows of at most `max_length` tokens."""
-    return [list(ids[i:i + max_length]) for i in range(0, len(ids), max_length) if len(ids[i:i + max_length]) > 1]
-
-
-def token_nll(model, tokenizer, texts: Sequence[str] | str, max_length: int = 512, batch_size: int = 1,
-              guard_4bit: bool = True) -> dict:
-    """Summed negative log-likelihood (nats) of every predicted token of `texts`, and how many tokens were scored.
-
-    Each text is tokenized as the tokenizer does by default, then cut into non-overlapping windows of
-    `max_length` tokens; in each window every token after the first is predicted from those before it in the
-    same window (a window's first token is context only). Returns nll_sum, n_tokens, mean_nll, perplexity,
-    n_windows.
-    """
-    import torch
-
-    if isinstance(texts, str):
-        texts = [texts]
-    windows = [w for t in texts for w in _windows(tokenizer(t)["input_ids"], max_length)]
-    if not windows:
-        raise ValueError("no window with at least two tokens: the texts are empty or max_length < 2")
-    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-    device = next(model.parameters()).device
-    nll_sum, n_tokens = 0.0, 0
-    with torch.no_grad(), eval_mode(model, guard_4bit):
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start:start + batch_size]
-            width = max(len(w) for w in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, w in enumerate(batch):
-                ids[i, :len(w)] = torch.tensor(w)
-                mask[i, :len(w)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            keep = mask[:, 1:].bool()
-            nll_sum -= float(logp[keep].double().sum())
-            n_tokens += int(keep.sum())
-    mean = nll_sum / n_tokens
-    return {"nll_sum": nll_sum, "n_tokens": n_tokens, "mean_nll": mean, "perplexity": math.exp(mean),
-            "n_windows": len(windows)}
-
-
-def perplexity(model, tokenizer, texts: Sequence[str] | str, max_length: int = 512, batch_size: int = 1,
-               guard_4bit: bool = True) -> float:
-    """exp(token-weighted mean NLL) of `texts` (see `token_nll` for windowing); no gradients, eval mode, 4-bit safe."""
-    return token_nll(model, tokenizer, texts, max_length, batch_size, guard_4bit)["perplexity"]
-
-
 # ------------------------------------------------------------------------------------------- memory
 
 
+def allocator_free_bytes() -> int | None:
+    """Bytes glibc's malloc holds freed but not returned to the OS (`mallinfo2().fordblks`); None off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        fn = libc.mallinfo2
+    except (OSError, AttributeError, TypeError):  # not glibc ≥ 2.33 (macOS, musl, Windows)
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    fn.restype = MallInfo2
+    return int(fn().fordblks)
+
+
+def process_memory() -> dict[str, int]:
+    """This process on CPU: rss, allocator_free (freed heap glibc keeps; 0 if unknown) and live = rss - allocator_free."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    free = allocator_free_bytes() or 0
+    return {"rss": rss, "allocator_free": free, "live": rss - free}
+
+
 class PeakMemory:
-    """Peak memory while the block runs: process RSS sampled every `interval` s on CPU, max allocated on CUDA.
+    """Peak memory while the block runs: CUDA `max_memory_allocated`; on CPU the process's RSS or live memory,
+    sampled every `interval` s.
 
     ``with PeakMemory() as pm: ...`` then ``pm.peak_bytes`` (highest value seen), ``pm.delta_bytes`` (peak minus
-    the value at entry), ``pm.start_bytes``, ``pm.device``. On CPU RSS counts every byte of the process (and
-    memory freed inside the block may not be returned to the OS), so compare deltas, not absolute values;
-    an allocation shorter than the sampling interval can be missed.
+    the value at entry), ``pm.start_bytes``, ``pm.device``, ``pm.kind``. On CPU, `measure="rss"` counts every
+    resident byte, including freed memory the allocator keeps (compare deltas); `measure="live"` subtracts the freed
+    heap glibc's malloc keeps for reuse (`process_memory`) — the CPU counterpart of CUDA's allocated-not-reserved.
+    ``pm.peak_rss_bytes`` is the RSS peak either way. An allocation shorter than the sampling interval can be missed.
     """
 
-    def __init__(self, device: str = "auto", interval: float = 0.01):
+    def __init__(self, device: str = "auto", interval: float = 0.01, measure: str = "rss"):
         import torch
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if measure not in ("rss", "live"):
+            raise ValueError(f"measure must be 'rss' or 'live', got {measure!r}")
         self.device = device
+        self.kind = "max_allocated" if device == "cuda" else measure
         self.interval = interval
         self.start_bytes = self.peak_bytes = self.end_bytes = 0
+        self.start_rss_bytes = self.peak_rss_bytes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,12 +125,11 @@ class PeakMemory:
         """Peak minus the value at entry (bytes)."""
         return self.peak_bytes - self.start_bytes
 
-    def _rss(self) -> int:
-        return self._proc.memory_info().rss
-
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._rss())
+            now = process_memory()
+            self.peak_bytes = max(self.peak_bytes, now[self.kind])
+            self.peak_rss_bytes = max(self.peak_rss_bytes, now["rss"])
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakMemory:
@@ -155,14 +140,20 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start_bytes = self.peak_bytes = torch.cuda.memory_allocated()
             return self
-        import psutil
-
-        self._proc = psutil.Process()
-        self.start_bytes = self.peak_bytes = self._rss()
+        now = process_memory()
+        self.start_bytes = self.peak_bytes = now[self.kind]
+        self.start_rss_bytes = self.peak_rss_bytes = now["rss"]
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
+
+    def as_dict(self) -> dict:
+        """device, kind, start_bytes, peak_bytes (+ start/peak RSS on CPU), for metrics.json."""
+        out = {"device": self.device, "kind": self.kind, "start_bytes": self.start_bytes, "peak_bytes": self.peak_bytes}
+        if self.device == "cpu":
+            out.update(start_rss_bytes=self.start_rss_bytes, peak_rss_bytes=self.peak_rss_bytes)
+        return out
 
     def start(self) -> PeakMemory:
         """Start measuring (for a measurement that spans notebook cells; else use `with`)."""
@@ -181,11 +172,13 @@ class PeakMemory:
             self.peak_bytes = max(self.start_bytes, torch.cuda.max_memory_allocated())
             self.end_bytes = torch.cuda.memory_allocated()
             return
-        self.end_bytes = self._rss()
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        now = process_memory()
+        self.end_bytes = now[self.kind]
         self.peak_bytes = max(self.peak_bytes, self.end_bytes)
+        self.peak_rss_bytes = max(self.peak_rss_bytes, now["rss"])
 
     def __repr__(self) -> str:
         return f"PeakMemory({self.device}: peak {self.peak_bytes / 2**20:,.1f} MiB, delta {self.delta_bytes / 2**20:,.1f} MiB)"

@@ -1,4 +1,10 @@
-"""Evaluation: multiple-choice scoring by log-likelihood (lm-evaluation-harness semantics), intervals, paired tests.
+"""Evaluation: the one log-likelihood engine, perplexity, multiple-choice scoring (lm-eval semantics), intervals, tests.
+
+Every log-likelihood here comes from one engine, :func:`target_logprobs`: it batches token sequences, runs the
+model once per distinct sequence (in ``helpers.bench.eval_mode``, no gradients) and gathers the log-probs of given
+target tokens at given positions. Text perplexity (:func:`token_nll`, :func:`perplexity`: windows, every token
+after a window's first is a target) and continuation scoring (:func:`continuation_logprobs`,
+:func:`pair_logprobs`, :func:`completion_nll`, :func:`score_mc`) are two ways of asking it.
 
 How lm-eval 0.4.13 scores a multiple-choice item (and how :func:`score_mc` does, step for step):
 
@@ -21,8 +27,12 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpers import bench, data, env
+
+if TYPE_CHECKING:
+    import torch
 
 BENCHMARK_DIR = env.DATA_DIR / "benchmarks"
 TASK_YAML_DIR = BENCHMARK_DIR / "lm_eval_tasks"
@@ -66,6 +76,105 @@ def validate_item(item: dict) -> dict:
 def chance_rate(items: Sequence[dict]) -> float:
     """Expected accuracy of guessing uniformly: the mean of 1 / (number of choices)."""
     return sum(1.0 / len(it["choices"]) for it in items) / len(items)
+
+
+# ------------------------------------------------------------------------------------------- log-likelihood engine
+
+LogprobRequest = tuple[Sequence[int], int, Sequence[int]]  # (model input ids, start position, target ids)
+
+
+def _padded_batch(batch: Sequence[tuple[int, ...]], pad_id: int):
+    """Right-padded input ids and attention mask (long tensors, on CPU) for a batch of token sequences."""
+    import torch
+
+    width = max(len(inp) for inp in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, inp in enumerate(batch):
+        ids[row, :len(inp)] = torch.tensor(inp)
+        mask[row, :len(inp)] = 1
+    return ids, mask
+
+
+def target_logprobs(model, requests: Sequence[LogprobRequest], batch_size: int = 4, softmax_dtype=None,
+                    pad_id: int = 0, longest_first: bool = True, progress: bool = False,
+                    guard_4bit: bool = True) -> list[tuple[torch.Tensor, bool]]:
+    """The log-likelihood engine: per (input ids, start, targets), the targets' log-probs and if all are greedy.
+
+    The logits at input position start + j predict targets[j] (log-softmax in `softmax_dtype`; None keeps the
+    logits' dtype, like lm-eval). Requests with the same input share one forward pass (lm-eval's logits cache).
+    Inputs are right-padded with `pad_id` in batches of `batch_size` (padding after the last real token cannot
+    change a causal model's earlier outputs), longest first or in the given order. Runs under no_grad in
+    ``bench.eval_mode(model, guard_4bit)``. Returns, in request order, (1-D tensor of the targets' log-probs,
+    whether every target is the argmax).
+    """
+    import torch
+
+    groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
+    for i, (inp, start, targets) in enumerate(requests):
+        if not targets or start < 0 or start + len(targets) > len(inp):
+            raise ValueError(f"request {i}: {len(targets)} targets from position {start} do not fit an input of "
+                             f"{len(inp)} tokens")
+        groups.setdefault(tuple(inp), []).append((i, start, list(targets)))
+    inputs = sorted(groups, key=len, reverse=True) if longest_first else list(groups)
+    batches = [inputs[k:k + batch_size] for k in range(0, len(inputs), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="log-likelihoods", leave=False)
+    device = next(model.parameters()).device
+    out: list[tuple[torch.Tensor, bool] | None] = [None] * len(requests)
+    # eval mode (dropout off; Phi has resid_pdrop 0.1) as lm-eval does, 4-bit-on-CPU safe (helpers.bench)
+    with torch.no_grad(), bench.eval_mode(model, guard_4bit):
+        for batch in batches:
+            ids, mask = _padded_batch(batch, pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for row, inp in enumerate(batch):
+                for i, start, targets in groups[inp]:
+                    logp = torch.log_softmax(logits[row, start:start + len(targets)], dim=-1, dtype=softmax_dtype)
+                    target = torch.tensor(targets, device=logp.device)
+                    out[i] = (logp.gather(-1, target[:, None])[:, 0], bool((logp.argmax(-1) == target).all()))
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+
+def _windows(ids: Sequence[int], max_length: int) -> list[list[int]]:
+    """Split one token sequence into consecutive, non-overlapping windows of at most `max_length` tokens."""
+    return [list(ids[i:i + max_length]) for i in range(0, len(ids), max_length) if len(ids[i:i + max_length]) > 1]
+
+
+def token_nll(model, tokenizer, texts: Sequence[str] | str, max_length: int = 512, batch_size: int = 1,
+              guard_4bit: bool = True) -> dict:
+    """Summed negative log-likelihood (nats) of every predicted token of `texts`, and how many tokens were scored.
+
+    Each text is tokenized as the tokenizer does by default, then cut into non-overlapping windows of
+    `max_length` tokens; in each window every token after the first is predicted from those before it in the
+    same window (a window's first token is context only). Log-softmax in float32, sums in float64, windows in
+    text order. Returns nll_sum, n_tokens, mean_nll, perplexity, n_windows.
+    """
+    import torch
+
+    if isinstance(texts, str):
+        texts = [texts]
+    windows = [w for t in texts for w in _windows(tokenizer(t)["input_ids"], max_length)]
+    if not windows:
+        raise ValueError("no window with at least two tokens: the texts are empty or max_length < 2")
+    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+    res = target_logprobs(model, [(w, 0, w[1:]) for w in windows], batch_size, softmax_dtype=torch.float32,
+                          pad_id=pad, longest_first=False, guard_4bit=guard_4bit)
+    nll_sum = -sum(float(logp.double().sum()) for logp, _ in res)
+    n_tokens = sum(len(w) - 1 for w in windows)
+    mean = nll_sum / n_tokens
+    return {"nll_sum": nll_sum, "n_tokens": n_tokens, "mean_nll": mean, "perplexity": math.exp(mean),
+            "n_windows": len(windows)}
+
+
+def perplexity(model, tokenizer, texts: Sequence[str] | str, max_length: int = 512, batch_size: int = 1,
+               guard_4bit: bool = True) -> float:
+    """exp(token-weighted mean NLL) of `texts` (see `token_nll` for windowing); no gradients, eval mode, 4-bit safe."""
+    return token_nll(model, tokenizer, texts, max_length, batch_size, guard_4bit)["perplexity"]
 
 
 # ------------------------------------------------------------------------------------------- scoring
@@ -114,52 +223,28 @@ def continuation_logprobs(model, tokenizer, requests: Sequence[tuple[str, str]],
     """For each (context, continuation): (summed log-prob of the continuation, whether greedy decoding yields it).
 
     Requests whose model input is identical (e.g. MMLU's one-token answers " A".." D" after the same question)
-    share one forward pass, as lm-eval's logits cache does. Inputs are sorted longest first and right-padded in
-    batches: padding after the last real token cannot change a causal model's earlier outputs.
+    share one forward pass, as lm-eval's logits cache does (see `target_logprobs`).
     `softmax_dtype` None keeps the logits' dtype, like lm-eval.
     """
     pairs = [encode_pair(tokenizer, c, x) for c, x in requests]
-    return token_logprobs(model, pairs, max_length(model, tokenizer), batch_size, softmax_dtype, progress)
+    return pair_logprobs(model, pairs, max_length(model, tokenizer), batch_size, softmax_dtype, progress)
 
 
-def token_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], limit: int, batch_size: int = 4,
-                   softmax_dtype=None, progress: bool = False) -> list[tuple[float, bool]]:
-    """The engine of continuation_logprobs on token ids: [(summed log-prob of cont, is greedy)] per (ctx, cont)."""
-    import torch
+def pair_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], limit: int, batch_size: int = 4,
+                  softmax_dtype=None, progress: bool = False) -> list[tuple[float, bool]]:
+    """lm-eval's continuation scoring on token ids: [(summed log-prob of cont, is greedy)] per (ctx, cont).
 
-    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    The model sees (ctx + cont)[:-1], left-truncated to `limit` tokens; inputs go longest first through
+    `target_logprobs`.
+    """
+    requests = []
     for i, (ctx, cont) in enumerate(pairs):
         if not cont or len(cont) > limit:
             raise ValueError(f"request {i}: continuation has {len(cont)} tokens (must be 1..{limit})")
-        inp = tuple((list(ctx) + list(cont))[-(limit + 1):][:-1])  # the model predicts token t+1 from tokens <= t
-        groups.setdefault(inp, []).append((i, list(cont)))
-    inputs = sorted(groups, key=len, reverse=True)
-    batches = [inputs[k:k + batch_size] for k in range(0, len(inputs), batch_size)]
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="log-likelihoods", leave=False)
-    device = next(model.parameters()).device
-    out: list[tuple[float, bool] | None] = [None] * len(pairs)
-    # eval mode (dropout off; Phi has resid_pdrop 0.1) as lm-eval does, 4-bit-on-CPU safe (helpers.bench)
-    with torch.no_grad(), bench.eval_mode(model):
-        for batch in batches:
-            width = len(batch[0])
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, inp in enumerate(batch):
-                ids[row, :len(inp)] = torch.tensor(inp)
-                mask[row, :len(inp)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for row, inp in enumerate(batch):
-                for i, cont in groups[inp]:
-                    # the logits at positions len(inp)-len(cont) .. len(inp)-1 predict the continuation's tokens
-                    sl = logits[row, len(inp) - len(cont):len(inp)]
-                    logp = torch.log_softmax(sl, dim=-1, dtype=softmax_dtype)
-                    target = torch.tensor(cont, device=logp.device)
-                    greedy = bool((logp.argmax(-1) == target).all())
-                    out[i] = (float(logp.gather(-1, target[:, None]).sum()), greedy)
-    return out  # type: ignore[return-value]
+        inp = (list(ctx) + list(cont))[-(limit + 1):][:-1]  # the model predicts token t+1 from tokens <= t
+        requests.append((inp, len(inp) - len(cont), cont))
+    res = target_logprobs(model, requests, batch_size, softmax_dtype, progress=progress)
+    return [(float(logp.sum()), greedy) for logp, greedy in res]
 
 
 def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 4) -> dict:
@@ -181,7 +266,7 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
         while k < min(len(ctx), len(whole) - 1) and ctx[k] == whole[k]:
             k += 1
         pairs.append((whole[:k], whole[k:]))
-    res = token_logprobs(model, pairs, max_length(model, tokenizer), batch_size, softmax_dtype=torch.float32)
+    res = pair_logprobs(model, pairs, max_length(model, tokenizer), batch_size, softmax_dtype=torch.float32)
     nll = -sum(ll for ll, _ in res)
     n = sum(len(c) for _, c in pairs)
     return {"nll_sum": nll, "n_tokens": n, "mean_nll": nll / n, "perplexity": math.exp(nll / n)}

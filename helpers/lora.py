@@ -1,28 +1,26 @@
 """LoRA target modules: find adaptable layers, group them by role, validate targets, summarise, check gradients.
 
-Everything here is derived from the model's actual module tree (which block a layer lives in, the order in
-which the attention block calls its projections), not from a table of known names, so it works for Phi,
-Llama-family (SmolLM2, Qwen2), Gemma, Phi-3 (fused ``qkv_proj``/``gate_up_proj``) and GPT-2 (``Conv1D``).
-Name tables appear only to *suggest* replacements for known stale names in error messages.
+Which role a layer plays (attention in/out, MLP, other, embedding, head) comes from `helpers.roles`, which reads
+it from the model's structure (the decoder blocks, their attention module, the order its forward() calls its
+projections), not from a table of known names, so it works for Phi, Llama-family (SmolLM2, Qwen2), Gemma, Phi-3
+(fused ``qkv_proj``/``gate_up_proj``), GPT-2 (``Conv1D``), OPT (feed-forward layers directly in the block) and
+the rest of transformers' decoders. Name tables appear only to *suggest* replacements for stale names in errors.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 import warnings
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from helpers import quant
+from helpers import quant, roles
 
 ALL_LINEAR = "all-linear"
 
-# Which ancestor block a layer lives in: matched against the block's class name and its attribute name.
-_ATTENTION_RE = re.compile(r"attention|attn|mixer", re.IGNORECASE)
-_MLP_RE = re.compile(r"mlp|feed_?forward|ffn|ffw|moe|experts?\b", re.IGNORECASE)
+# The query and value in-projections of the q+v preset, by leaf name (a fused qkv projection matches neither).
 _QUERY_RE = re.compile(r"(^|[_.])(q|query)([_.]|$)|^q_?proj$|^query", re.IGNORECASE)
 _VALUE_RE = re.compile(r"(^|[_.])(v|value)([_.]|$)|^v_?proj$|^value", re.IGNORECASE)
 
@@ -51,141 +49,18 @@ _HEAD_ADVICE = (
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a hard dependency of the course
-        return ()
-    return (Conv1D,)
-
-
-def _tuner_layer_class():
-    """peft's wrapper classes: adapter layers (lora.Linear, ...) and modules_to_save / trainable-token wrappers."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-    except ImportError:  # pragma: no cover
-        return ()
-    return (BaseTunerLayer, AuxiliaryTrainingWrapper)
-
-
-def _base(module: nn.Module) -> nn.Module:
-    """The wrapped layer of a peft wrapper (lora.Linear → its nn.Linear; modules_to_save → the original), else itself."""
-    if hasattr(module, "get_base_layer") and isinstance(module, _tuner_layer_class()):
-        return module.get_base_layer()
-    if isinstance(module, _tuner_layer_class()) and getattr(module, "original_module", None) is not None:
-        return module.original_module
-    return module
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear (bitsandbytes Linear4bit/Linear8bitLt subclass it) or transformers' GPT-2 Conv1D."""
-    return isinstance(_base(module), (nn.Linear, *_conv1d_class()))
-
-
-def _head_module(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return _base(head) if head is not None else None
-
-
-def _embedding_module(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_input_embeddings", None)
-    emb = getter() if callable(getter) else None
-    return _base(emb) if emb is not None else None
-
-
-def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
-    if target is None:
-        return None
-    for name, module in model.named_modules():
-        if module is target or _base(module) is target:
-            return name
-    return None
-
-
-def _linear_leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(full name, module) of every adaptable linear-like layer, in model order, output head excluded.
-
-    Inside a peft model, a wrapper counts as the layer (its base_layer / lora_A / lora_B / saved copies are skipped).
-    """
-    tuner = _tuner_layer_class()
-    head = _head_module(model)
-    out, inside_tuner = [], []
-    for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside_tuner):
-            continue
-        if tuner and isinstance(module, tuner):
-            inside_tuner.append(name)
-        if not name or not _is_linear_like(module) or _base(module) is head:
-            continue
-        out.append((name, module))
-    return out
-
-
 def linear_module_names(model: nn.Module) -> list[str]:
     """Leaf names (deduplicated, model order) of every Linear / 4-bit / 8-bit / Conv1D layer except the output head."""
-    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in _linear_leaves(model)))
-
-
-def _ancestor_role(model: nn.Module, name: str) -> tuple[str, str | None]:
-    """("attention" | "mlp" | "other", name of that block) from the nearest ancestor block's class or attribute."""
-    modules = dict(model.named_modules())
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        block_name = ".".join(parts[:i])
-        block = modules.get(block_name)
-        label = f"{type(block).__name__} {parts[i - 1]}"
-        if _ATTENTION_RE.search(label):
-            return "attention", block_name
-        if _MLP_RE.search(label):
-            return "mlp", block_name
-    return "other", None
-
-
-def _call_order(block: nn.Module, children: list[str]) -> list[str]:
-    """Children of `block` in the order its forward() first calls them (registration order if source is unavailable)."""
-    try:
-        source = inspect.getsource(type(block).forward)
-    except (OSError, TypeError):
-        return children
-    first = {}
-    for m in re.finditer(r"self\.(\w+)\s*\(", source):
-        first.setdefault(m.group(1), m.start())
-    called = sorted((c for c in children if c in first), key=first.__getitem__)
-    return called + [c for c in children if c not in first]
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in roles.linear_layers(model)))
 
 
 def leaves_by_role(model: nn.Module) -> dict[str, list[str]]:
     """Full module names grouped by role: attention_in, attention_out, mlp, other (linear) + embedding, head.
 
-    The attention output is the last projection the attention block's forward() calls; the rest of the
-    attention block's linear layers are its in-projections. Roles come from the enclosing block
-    (class name or attribute matching attention/attn/mixer or mlp/feed_forward/ffn), not from leaf names.
+    The rule lives in `helpers.roles.leaves_by_role`: attention is the decoder block's attention module (its output
+    projection is the last one its forward() calls); every other linear layer of a block is MLP.
     """
-    modules = dict(model.named_modules())
-    roles: dict[str, list[str]] = {"attention_in": [], "attention_out": [], "mlp": [], "other": []}
-    attn_children: dict[str, list[str]] = {}
-    for name, _ in _linear_leaves(model):
-        role, block = _ancestor_role(model, name)
-        if role == "attention":
-            attn_children.setdefault(block, []).append(name)
-        else:
-            roles[role].append(name)
-    for block, names in attn_children.items():
-        rel = [n[len(block) + 1:] for n in names]
-        order = _call_order(modules[block], rel)
-        out = order[-1] if len(order) > 1 else None
-        for n, r in zip(names, rel, strict=True):
-            roles["attention_out" if r == out else "attention_in"].append(n)
-    # keep model order inside each role
-    order = {n: i for i, n in enumerate(modules)}
-    for k in roles:
-        roles[k].sort(key=order.__getitem__)
-    emb, head = _name_of(model, _embedding_module(model)), _name_of(model, _head_module(model))
-    roles["embedding"] = [emb] if emb else []
-    roles["head"] = [head] if head else []
-    return roles
+    return roles.leaves_by_role(model)
 
 
 def _target_names(full_names: list[str], others: Iterable[str]) -> list[str]:
@@ -208,30 +83,26 @@ def _target_names(full_names: list[str], others: Iterable[str]) -> list[str]:
 
 def target_presets(model: nn.Module) -> dict[str, list[str]]:
     """Target lists by role for this model: "attention" (in-projections + output), "mlp", "all-linear", "qv"."""
-    roles = leaves_by_role(model)
-    every = [n for k in ("attention_in", "attention_out", "mlp", "other") for n in roles[k]]
-    every += roles["embedding"] + roles["head"]
-    attention = roles["attention_in"] + roles["attention_out"]
-    mlp = roles["mlp"]
+    by_role = leaves_by_role(model)
+    every = [n for k in ("attention_in", "attention_out", "mlp", "other") for n in by_role[k]]
+    every += by_role["embedding"] + by_role["head"]
+    attention = by_role["attention_in"] + by_role["attention_out"]
+    mlp = by_role["mlp"]
     presets = {
         "attention": _target_names(attention, [n for n in every if n not in attention]),
         "mlp": _target_names(mlp, [n for n in every if n not in mlp]),
         "all-linear": linear_module_names(model),
     }
     # q+v (LoRA paper / peft default style): the query and value in-projections; a fused qkv projection as is.
-    ins = _target_names(roles["attention_in"], [n for n in every if n not in roles["attention_in"]])
+    ins = _target_names(by_role["attention_in"], [n for n in every if n not in by_role["attention_in"]])
     q = [t for t in ins if _QUERY_RE.search(t.rsplit(".", 1)[-1])]
     v = [t for t in ins if _VALUE_RE.search(t.rsplit(".", 1)[-1])]
     if q and v:
         presets["qv"] = q + [t for t in v if t not in q]
     elif len(ins) == 3:  # separate projections, unusual names: forward() computes query, key, value in that order
-        modules = dict(model.named_modules())
-        block = _ancestor_role(model, roles["attention_in"][0])[1]
-        rel = [n[len(block) + 1:] for n in roles["attention_in"] if n.startswith(block + ".")]
-        order = _call_order(modules[block], rel)
-        presets["qv"] = _target_names(
-            [f"{block}.{order[0]}", f"{block}.{order[2]}"], [n for n in every if n not in roles["attention_in"]]
-        )
+        first = next(iter(roles.attention_projections(model).values()))
+        order = [n for n in first if n in by_role["attention_in"]]
+        presets["qv"] = _target_names([order[0], order[2]], [n for n in every if n not in by_role["attention_in"]])
     else:  # fused in-projection (Phi-3 qkv_proj, GPT-2 c_attn): adapting it adapts q, k and v together
         presets["qv"] = ins
     return presets
@@ -244,15 +115,14 @@ def _matches(target: str, key: str) -> bool:
 
 
 def _modern_names(model: nn.Module, role: str) -> list[str]:
-    roles = leaves_by_role(model)
+    by_role = leaves_by_role(model)
     if role in ("embedding", "head"):
-        return roles[role]
+        return by_role[role]
     presets = target_presets(model)
     if role == "attention_in":
-        names = [t for t in presets["attention"] if any(_matches(t, n) for n in roles["attention_in"])]
-        return names
+        return [t for t in presets["attention"] if any(_matches(t, n) for n in by_role["attention_in"])]
     if role == "attention_out":
-        return [t for t in presets["attention"] if any(_matches(t, n) for n in roles["attention_out"])]
+        return [t for t in presets["attention"] if any(_matches(t, n) for n in by_role["attention_out"])]
     return presets.get(role, [])
 
 
@@ -311,8 +181,8 @@ def validate_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str
             f"{missing}.\n{silent}\n{hints}\n"
             f"Adaptable layers (leaf names): {available}; presets: {target_presets(model)}"
         )
-    roles = leaves_by_role(model)
-    special = [t for t in targets if any(_matches(t, n) for n in roles["embedding"] + roles["head"])]
+    by_role = leaves_by_role(model)
+    special = [t for t in targets if any(_matches(t, n) for n in by_role["embedding"] + by_role["head"])]
     if special:
         warnings.warn(f"LoRA targets {special} hit the embedding/output head: {_HEAD_ADVICE}", stacklevel=2)
     return targets
@@ -321,12 +191,12 @@ def validate_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str
 # ---------------------------------------------------------------------------------------------- counting
 def _in_out(module: nn.Module) -> tuple[int, int]:
     """(in, out) sizes LoRA sees for a layer: Linear, GPT-2 Conv1D (weight is in×out) or Embedding (vocab, dim)."""
-    module = _base(module)
+    module = roles.base_layer(module)
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if isinstance(module, _conv1d_class()):
+    if isinstance(module, roles.linear_types()):  # GPT-2's Conv1D: weight is in x out
         return module.weight.shape[0], module.weight.shape[1]
     raise TypeError(f"LoRA sizes unknown for {type(module).__name__}")
 
@@ -334,8 +204,8 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
 def matched_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Full names of the layers peft would adapt for `targets` (list suffix rule, regex, or "all-linear")."""
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        return [n for n, _ in _linear_leaves(model)]
-    tuner = _tuner_layer_class()
+        return [n for n, _ in roles.linear_layers(model)]
+    tuner = roles.tuner_classes()
     out, inside = [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p + ".") for p in inside):
@@ -343,7 +213,7 @@ def matched_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str]
         if tuner and isinstance(module, tuner):
             inside.append(name)
         hit = re.fullmatch(targets, name) if isinstance(targets, str) else any(_matches(t, name) for t in targets)
-        if hit and isinstance(_base(module), (nn.Linear, nn.Embedding, *_conv1d_class())):
+        if hit and isinstance(roles.base_layer(module), (*roles.linear_types(), nn.Embedding)):
             out.append(name)
     return out
 
@@ -356,7 +226,7 @@ def expected_lora_params(model: nn.Module, targets: str | Iterable[str], r: int)
 
 def lora_summary(peft_model: nn.Module) -> dict:
     """Trainable/total parameters, trainable fraction, adapted layers per leaf name, number of LoRA tensors."""
-    tuner = _tuner_layer_class()
+    tuner = roles.tuner_classes()
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     per_target: dict[str, int] = {}

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from helpers import arch, lora, quant
@@ -19,7 +20,14 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 # optimizer state bytes per trainable parameter
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_32bit": 8,
                    "adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2, "sgd": 0, "adafactor": 4}
-LOGIT_CHUNK = 32768  # TRL's fused LM head projects at most this many vocabulary columns at a time
+# TRL's fused LM head (trl/kernels/chunked_logprob.py, TRL 1.16): it projects tiles of at most TOKEN_TILE tokens x
+# LOGIT_CHUNK vocabulary columns into one buffer of exactly that width (even for a smaller vocabulary). Where Triton
+# runs (CUDA) each tile is folded in place; the torch fallback (CPU) holds extra fp32 tile-sized temporaries during
+# the backward pass: y, z, log p, p, the gradient, the target mask (1 byte), (mask - p) and its product with the
+# incoming gradient = 7.25 tiles at 4 bytes per element (read off `_backward_tile`; torch.profiler agrees within 1 %).
+LOGIT_CHUNK = 32768
+TOKEN_TILE = 4096
+CPU_HEAD_TEMPORARIES = 7.25
 
 
 @dataclass
@@ -74,6 +82,28 @@ def _activation_elements_per_token(config, model, targets, lora_dropout: float, 
     return {"attention": attn + scores, "mlp": mlp, "lora": lora_part}
 
 
+def _weight_bytes(model, n_params: int, quantization: str | None, dtype: str, double_quant: bool) -> float:
+    """Bytes of the frozen weights: the quantizable Linear layers at `quantization`, everything else at `dtype`."""
+    if not quantization:
+        return quant.weight_bytes(n_params, dtype)
+    q_weights, rows = arch.quantizable(model)
+    weights = quant.weight_bytes(q_weights, quantization, double_quant=double_quant,
+                                 rows=rows if quantization == "int8" else 0)
+    return weights + quant.weight_bytes(n_params - q_weights, dtype)
+
+
+def lm_head_bytes(hidden: int, vocab: int, batch_size: int, seq_len: int, dtype: str = "float32",
+                  device: str = "cpu") -> float:
+    """Peak bytes of TRL's fused LM head in the backward pass: the tile buffer, CPU temporaries, fp32 hidden grads."""
+    tokens = batch_size * max(seq_len - 1, 1)  # next-token labels: every position but the last
+    rows = min(tokens, TOKEN_TILE)
+    buffer = rows * LOGIT_CHUNK * DTYPE_BYTES[dtype]
+    if device == "cpu":  # a CPU page is resident only once written: the buffer costs the columns the tiles fill
+        buffer = rows * min(vocab, LOGIT_CHUNK) * DTYPE_BYTES[dtype]
+    temporaries = CPU_HEAD_TEMPORARIES * rows * min(vocab, LOGIT_CHUNK) * 4 if device == "cpu" else 0.0
+    return buffer + temporaries + tokens * hidden * (4 + DTYPE_BYTES[dtype])  # + fp32 grad of the hidden states
+
+
 def estimate_memory(
     config_or_model,
     quantization: str | None = None,
@@ -89,66 +119,73 @@ def estimate_memory(
     attention: str = "sdpa",
     double_quant: bool = False,
     overhead_bytes: float = 0.0,
+    device: str = "cuda",
 ) -> MemoryEstimate:
-    """Predict training memory for LoRA/QLoRA: weights, LoRA params, grads, optimizer state, activations, LM head.
+    """Predict the peak memory of LoRA/QLoRA training with TRL, by part (bytes).
 
     `config_or_model`: a loaded model, a transformers config, or a shipped config name ("phi-2"). Weights: the
-    Linear layers (not the head) at `quantization` (bitsandbytes formats, helpers.quant), everything else at
-    `dtype`. LoRA parameters, gradients and optimizer state are per trainable parameter (`adapter_dtype`: TRL
-    keeps adapters in bf16 for quantized models, else fp32). Activations: per token per layer, the tensors
-    saved for backward (no checkpointing; checked against torch's saved-tensor hooks on SmolLM2 to within a
-    few %), or only each layer's input plus one layer recomputed (checkpointing); backward needs about one
-    layer's worth more; the fused LM head works on ≤ 32768 vocabulary columns at a time in fp32.
-    `overhead_bytes`: what the process holds anyway (CUDA context, the Python/torch runtime on CPU).
+    Linear layers (not the head) at `quantization`, everything else at `dtype`. LoRA parameters, gradients and
+    optimizer state per trainable parameter (`adapter_dtype`: TRL keeps adapters in bf16 for quantized models).
+    Activations: per token per layer, the tensors saved for backward (checked against torch.profiler on SmolLM2),
+    or each layer's input plus one layer recomputed (`activation_checkpointing`). The peak comes at the start of
+    the backward pass, inside the LM head (`lm_head_bytes`; `device` "cpu" adds the torch fallback's temporaries);
+    the layers' backward working set counts only where it exceeds the head's. `overhead_bytes`: what the process
+    holds anyway (on CPU the live memory before the model is loaded; on CUDA 0 for `max_memory_allocated`).
     """
     model, config = _skeleton(config_or_model)
-
     n_params = sum(p.numel() for p in model.parameters())
-    act_bytes = DTYPE_BYTES[dtype]
-    if quantization:
-        q_weights, rows = arch.quantizable(model)
-        weights = quant.weight_bytes(q_weights, quantization, double_quant=double_quant,
-                                     rows=rows if quantization == "int8" else 0)
-        weights += quant.weight_bytes(n_params - q_weights, dtype)
-    else:
-        weights = quant.weight_bytes(n_params, dtype)
     adapter_dtype = adapter_dtype or ("bfloat16" if quantization else "float32")
     n_lora = lora.expected_lora_params(model, lora_targets, lora_r)
-    p_bytes = DTYPE_BYTES[adapter_dtype]
     opt = OPTIMIZER_BYTES.get(optimizer.lower())
     if opt is None:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_BYTES)}")
-
-    tokens = batch_size * seq_len
-    layers = config.num_hidden_layers
+    tokens, layers, act_bytes = batch_size * seq_len, config.num_hidden_layers, DTYPE_BYTES[dtype]
     per_tok = _activation_elements_per_token(config, model, lora_targets, lora_dropout, attention, seq_len)
     per_layer = tokens * sum(per_tok.values()) * act_bytes
-    if activation_checkpointing:
-        activations = layers * tokens * config.hidden_size * act_bytes + per_layer
-    else:
-        activations = layers * per_layer
-    backward = per_layer  # gradients flowing back through one layer are about the size of what it saved
+    activations = (layers * tokens * config.hidden_size * act_bytes + per_layer if activation_checkpointing
+                   else layers * per_layer)
     vocab = model.get_output_embeddings().weight.shape[0]
-    head = tokens * config.hidden_size * 4 * 2 + tokens * min(vocab, LOGIT_CHUNK) * 4 * 2  # fp32 hidden + logit tiles
+    head = lm_head_bytes(config.hidden_size, vocab, batch_size, seq_len, dtype, device)
     parts = {
-        "weights": weights,
-        "lora_params": n_lora * p_bytes,
-        "gradients": n_lora * p_bytes,
+        "weights": _weight_bytes(model, n_params, quantization, dtype, double_quant),
+        "lora_params": n_lora * DTYPE_BYTES[adapter_dtype],
+        "gradients": n_lora * DTYPE_BYTES[adapter_dtype],
         "optimizer_state": n_lora * opt,
         "activations": activations,
-        "backward_working_set": backward,
         "lm_head_working_set": head,
+        "backward_working_set": max(0.0, per_layer - head),  # one layer's backward, beyond the head's peak
         "overhead": overhead_bytes,
     }
     assumptions = {
         "n_params": n_params, "lora_params": n_lora, "quantization": quantization, "dtype": dtype,
         "adapter_dtype": adapter_dtype, "optimizer": optimizer, "batch_size": batch_size, "seq_len": seq_len,
-        "activation_checkpointing": activation_checkpointing, "attention": attention,
+        "activation_checkpointing": activation_checkpointing, "attention": attention, "device": device,
         "activation_elements_per_token_per_layer": per_tok, "layers": layers,
     }
     return MemoryEstimate(parts, assumptions)
 
 
+GROWTH_PARTS = ("gradients", "optimizer_state", "activations", "lm_head_working_set", "backward_working_set")
+
+
+def check_plan(plan: MemoryEstimate, peak: Mapping) -> dict[str, float | str]:
+    """Predicted vs measured peak (GiB) for a run's `peak_memory` record (`helpers.train.training_metrics`).
+
+    The plan's overhead becomes what the process held besides the model when training started (measured:
+    start_bytes - model_bytes on CPU; 0 on CUDA, where max_memory_allocated counts tensors only). Returns the
+    predicted and measured peak, their ratio, the predicted and measured growth during training and, on CPU, the
+    freed memory the allocator kept (RSS peak - live peak), which the plan leaves out.
+    """
+    overhead = peak["start_bytes"] - peak["model_bytes"] if peak["device"] == "cpu" else 0.0
+    predicted = plan.total - plan.parts["overhead"] + overhead
+    growth = sum(plan.parts[k] for k in GROWTH_PARTS)
+    gib = 2**30
+    out = {"kind": peak["kind"], "predicted_gib": predicted / gib, "measured_gib": peak["peak_bytes"] / gib,
+           "ratio": peak["peak_bytes"] / predicted, "overhead_gib": overhead / gib,
+           "growth_predicted_gib": growth / gib, "growth_measured_gib": (peak["peak_bytes"] - peak["start_bytes"]) / gib}
+    if "peak_rss_bytes" in peak:
+        out["allocator_retained_gib"] = (peak["peak_rss_bytes"] - peak["peak_bytes"]) / gib
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def unit_bytes(config_or_name, quantization: str | None, dtype: str, double_quant: bool = False) -> dict[str, float]:
@@ -201,5 +238,5 @@ def communication_bytes(estimate, strategy: str, world_size: int) -> float:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
-__all__ = ["DTYPE_BYTES", "OPTIMIZER_BYTES", "STRATEGIES", "MemoryEstimate", "communication_bytes", "estimate_memory",
-           "per_rank_memory", "unit_bytes"]
+__all__ = ["DTYPE_BYTES", "OPTIMIZER_BYTES", "STRATEGIES", "MemoryEstimate", "check_plan", "communication_bytes", "estimate_memory",
+           "lm_head_bytes", "per_rank_memory", "unit_bytes"]

@@ -312,8 +312,8 @@ def pair_margins(model, tokenizer, plain_pairs: Sequence[Mapping], beta: float, 
         k = min(_common_prefix(enc[0], enc[1]), _common_prefix(enc[0], enc[2]))
         seqs += [(enc[1][:k], enc[1][k:]), (enc[2][:k], enc[2][k:])]
     limit = evals.max_length(model, tokenizer)
-    policy = [ll for ll, _ in evals.token_logprobs(model, seqs, limit, batch_size)]
+    policy = [ll for ll, _ in evals.pair_logprobs(model, seqs, limit, batch_size)]
     with use_adapter(model, ref_adapter):
-        ref = [ll for ll, _ in evals.token_logprobs(model, seqs, limit, batch_size)]
+        ref = [ll for ll, _ in evals.pair_logprobs(model, seqs, limit, batch_size)]
     ratio = [a - b for a, b in zip(policy, ref, strict=True)]
     return [beta * (ratio[i] - ratio[i + 1]) for i in range(0, len(ratio), 2)]

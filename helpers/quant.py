@@ -8,7 +8,9 @@ one int8 per weight plus one fp32 scale per output row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from helpers import roles
 
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
 FULL_PRECISION_BITS = {"fp32": 32, "float32": 32, "bf16": 16, "bfloat16": 16, "fp16": 16, "float16": 16}
@@ -108,6 +110,7 @@ def is_8bit_linear(module) -> bool:
 
 
 def _tensor_bytes(t) -> int:
+    """Storage bytes of a tensor (its elements times the element size)."""
     return t.numel() * t.element_size()
 
 
@@ -142,86 +145,115 @@ def _layer_format(module) -> tuple[str, int, int]:
     return "int8", weight.numel(), int(weight.shape[0])
 
 
-def _param_kind(model, module_name: str, module, param_name: str) -> str:
-    """Role of a full-precision tensor: embedding, head, norm, bias, buffer or other."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    cls = type(module).__name__
-    if head is not None and module is head and param_name == "weight":
-        return "head"
-    if "Embedding" in cls:
-        return "embedding"
-    if "Norm" in cls:
-        return "norm"
-    if param_name == "bias":
-        return "bias"
-    return "other"
+FULL_PRECISION_KINDS = (*roles.PARAM_KINDS, "buffer")
+
+
+class _Once:
+    """Bytes of a tensor the first time it is seen, 0 after (shared code tables and tied weights count once)."""
+
+    def __init__(self) -> None:
+        self.seen: set = set()
+
+    def __call__(self, t) -> int:
+        key = id(t) if t.device.type == "meta" else (t.data_ptr(), t.numel(), t.dtype)
+        if key in self.seen:
+            return 0
+        self.seen.add(key)
+        return _tensor_bytes(t)
+
+
+@dataclass
+class _QuantizedTally:
+    """The 4/8-bit Linear layers of a model: formats, original weight count and rows, packed and state bytes."""
+
+    formats: dict[str, int] = field(default_factory=dict)
+    params: int = 0
+    rows: int = 0
+    packed: int = 0
+    state: int = 0
+    tables: int = 0
+    weights: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _FullPrecisionTally:
+    """The tensors that stay in full precision: parameter count, bytes, bytes by kind (FULL_PRECISION_KINDS)."""
+
+    params: int = 0
+    bytes: int = 0
+    by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FULL_PRECISION_KINDS, 0))
+
+
+def _tally_quantized(model, once: _Once) -> _QuantizedTally:
+    """Step 1: every bitsandbytes Linear's format, weight count, rows, packed codes and quant-state bytes."""
+    tally = _QuantizedTally()
+    for module in model.modules():
+        if not (is_4bit_linear(module) or is_8bit_linear(module)):
+            continue
+        fmt, n, rows = _layer_format(module)
+        tally.formats[fmt] = tally.formats.get(fmt, 0) + 1
+        tally.params += n
+        tally.rows += rows
+        tally.packed += once(_own_weight(module))
+        tally.weights.add(id(_own_weight(module)))
+        for key, t in quant_state_tensors(module).items():
+            b = once(t)
+            tally.state += b
+            tally.tables += b if key.endswith("code") else 0
+    return tally
+
+
+def _tally_full_precision(model, once: _Once, skip: set[int]) -> _FullPrecisionTally:
+    """Step 2: every other parameter and buffer, by kind (helpers.roles.param_kind; buffers are 'buffer')."""
+    head, embedding = roles.head_module(model), roles.embedding_module(model)
+    tally = _FullPrecisionTally()
+    seen = set(skip)
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            b = once(p)
+            tally.params += p.numel()
+            tally.bytes += b
+            tally.by_kind[roles.param_kind(module, pname, head, embedding)] += b
+        for buf in module.buffers(recurse=False):
+            b = once(buf)
+            tally.bytes += b
+            tally.by_kind["buffer"] += b
+    return tally
 
 
 def quantized_linear_bytes(model) -> dict:
     """Bytes actually held by a loaded model: 4/8-bit Linear weights (codes + quant state) vs full-precision tensors.
 
-    Returns quantized_layers, formats ({"nf4": n, ...}), quantized_params (original weight count),
+    Returns quantized_layers, formats ({"nf4": n, ...}), quantized_params (original weight count), quantized_rows,
     packed_weight_bytes, quant_state_bytes (of which code_table_bytes: the per-layer 16/256-entry lookup tables
     the storage formula ignores), quantized_bytes (= packed + state), bits_per_quantized_weight,
-    full_precision_params, full_precision_bytes, full_precision_by_kind (embedding/head/norm/bias/buffer/other),
+    full_precision_params, full_precision_bytes, full_precision_by_kind (FULL_PRECISION_KINDS: embedding, head
+    (its bias included), norm, linear (unquantized Linear weights), bias, other, buffer),
     repacked_for_cpu (4-bit layers bitsandbytes has repacked, see `cpu_repacked_layers`), total_bytes.
     Tensors shared between layers (bitsandbytes' code tables, tied embeddings) are counted once.
     """
-    seen: set[int] = set()
-
-    def once(t) -> int:
-        key = id(t) if t.device.type == "meta" else (t.data_ptr(), t.numel(), t.dtype)
-        if key in seen:
-            return 0
-        seen.add(key)
-        return _tensor_bytes(t)
-
-    formats: dict[str, int] = {}
-    q_params = q_rows = packed = state = tables = 0
-    fp_params = fp_bytes = 0
-    by_kind = {k: 0 for k in ("embedding", "head", "norm", "bias", "buffer", "other")}
-    seen_params: set[int] = set()
-    for mname, module in model.named_modules():
-        quantized = is_4bit_linear(module) or is_8bit_linear(module)
-        if quantized:
-            fmt, n, rows = _layer_format(module)
-            formats[fmt] = formats.get(fmt, 0) + 1
-            q_params += n
-            q_rows += rows
-            packed += once(_own_weight(module))
-            seen_params.add(id(_own_weight(module)))
-            for key, t in quant_state_tensors(module).items():
-                b = once(t)
-                state += b
-                tables += b if key.endswith("code") else 0
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen_params:
-                continue
-            seen_params.add(id(p))
-            b = once(p)
-            fp_params += p.numel()
-            fp_bytes += b
-            by_kind[_param_kind(model, mname, module, pname)] += b
-        for _bname, buf in module.named_buffers(recurse=False):
-            b = once(buf)
-            fp_bytes += b
-            by_kind["buffer"] += b
-    quantized_bytes = packed + state
+    once = _Once()
+    q = _tally_quantized(model, once)
+    fp = _tally_full_precision(model, once, skip=q.weights)
+    quantized_bytes = q.packed + q.state
     return {
-        "quantized_layers": sum(formats.values()),
-        "formats": formats,
-        "quantized_params": q_params,
-        "quantized_rows": q_rows,
-        "packed_weight_bytes": packed,
-        "quant_state_bytes": state,
-        "code_table_bytes": tables,
+        "quantized_layers": sum(q.formats.values()),
+        "formats": q.formats,
+        "quantized_params": q.params,
+        "quantized_rows": q.rows,
+        "packed_weight_bytes": q.packed,
+        "quant_state_bytes": q.state,
+        "code_table_bytes": q.tables,
         "quantized_bytes": quantized_bytes,
-        "bits_per_quantized_weight": 8 * quantized_bytes / q_params if q_params else 0.0,
-        "full_precision_params": fp_params,
-        "full_precision_bytes": fp_bytes,
-        "full_precision_by_kind": by_kind,
+        "bits_per_quantized_weight": 8 * quantized_bytes / q.params if q.params else 0.0,
+        "full_precision_params": fp.params,
+        "full_precision_bytes": fp.bytes,
+        "full_precision_by_kind": fp.by_kind,
         "repacked_for_cpu": len(cpu_repacked_layers(model)),
-        "total_bytes": quantized_bytes + fp_bytes,
+        "total_bytes": quantized_bytes + fp.bytes,
     }
 
 
@@ -256,7 +288,7 @@ def quantizable_linears(model) -> list[tuple[str, int, int]]:
 
         skip = set(get_keys_to_not_convert(model))
     except Exception:  # not a transformers model
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = roles.head_module(model)
         skip = {n for n, m in model.named_modules() if head is not None and m is head}
     return [
         (n, m.weight.numel(), int(m.weight.shape[0]))

@@ -372,8 +372,7 @@ def training_metrics(trainer, cfg: TrainConfig, seconds: float, memory, device: 
         "train_tokens": tokens,
         "tokens_per_second": round(session_tokens / seconds, 1) if session_tokens and seconds else None,
         "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 3),
-        "peak_memory": {"device": memory.device, "kind": "max_allocated" if memory.device == "cuda" else "rss",
-                        "peak_bytes": memory.peak_bytes, "start_bytes": memory.start_bytes},
+        "peak_memory": {**memory.as_dict(), "model_bytes": bench.model_footprint(trainer.model)},
         "gradient_check": gradient_report(trainer),
         "lora": lora.lora_summary(trainer.model),
         "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {},
@@ -399,7 +398,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
     resume = cfg.resume_from_checkpoint
     if resume is True and not any((out / CHECKPOINT_DIR).glob("checkpoint-*")):
         resume = None  # nothing to resume from yet: start fresh
-    with bench.PeakMemory(device.device) as mem:
+    with bench.PeakMemory(device.device, measure="live") as mem:
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - t0

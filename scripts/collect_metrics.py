@@ -80,8 +80,17 @@ def row_04(m: dict) -> str:
     return (f"{x['profile']} profile, {x['steps']} steps: loss {x['first_loss']:.2f} → {x['final_loss']:.3f}; "
             f"held-out exact match {pct(b['exact_match'])} → {pct(a['exact_match'])}, schema-valid "
             f"{pct(b['schema_valid'])} → {pct(a['schema_valid'])} (n={a['n']}); {x['seconds_per_step']:.1f} s/step; "
-            f"peak RSS {x['memory_measured_gib']:.2f} GiB (planner: {x['memory_predicted']['total']:.2f} GiB)"
+            + memory_text(x)
             + probe_text(x.get("cpu_step_seconds")))
+
+
+def memory_text(x: dict) -> str:
+    """'peak 2.41 GiB live, planner 2.35 GiB (1.03)' from notebook 04's memory check (older runs: RSS vs plan)."""
+    check = x.get("memory_check")
+    if check:
+        return (f"peak memory {check['measured_gib']:.2f} GiB {check['kind']}, planner {check['predicted_gib']:.2f} GiB "
+                f"(measured/predicted {check['ratio']:.2f})")
+    return f"peak RSS {x['memory_measured_gib']:.2f} GiB (planner: {x['memory_predicted']['total']:.2f} GiB)"
 
 
 def probe_text(probe: dict | None) -> str:

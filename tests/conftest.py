@@ -10,6 +10,19 @@ if os.environ.get("SLM_COURSE_ALLOW_HUB") != "1":  # only `make test-gpu` lets n
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class IdTokenizer:
+    """A 'tokenizer' whose text is space-separated token ids, so tests choose the tokens exactly."""
+
+    pad_token_id = 0
+    eos_token_id = 0
+
+    def __call__(self, text, return_tensors=None):
+        ids = [int(t) for t in text.split()]
+        import torch
+
+        return {"input_ids": torch.tensor([ids]) if return_tensors else ids}
+
+
 @pytest.fixture(scope="module")
 def tiny_dir():
     """A tiny random Phi saved to a folder (built from config by helpers.models; no downloads)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import arch
+from helpers import arch, quant
 
 PHI2_PARAMS = 2_779_683_840
 PHI15_PARAMS = 1_418_270_720
@@ -83,7 +83,7 @@ def test_count_params_by_role_phi2(skeletons):
     assert roles["fc2"] == 32 * (10240 * 2560 + 2560)
     assert roles["norm"] == 33 * 2 * 2560
     assert "other" not in roles
-    groups = arch.group_roles(roles)
+    groups = arch.group_roles(roles, skeletons["phi-2"])
     assert groups["attention"] == 4 * roles["q_proj"] and groups["mlp"] == roles["fc1"] + roles["fc2"]
     assert sum(groups.values()) == PHI2_PARAMS
 
@@ -98,13 +98,40 @@ def test_count_params_by_role_llama_names_and_tied_head():
     assert roles["embedding"] == 1600 and "head" not in roles
     assert roles["k_proj"] == 2 * 16 * 8 and roles["gate_proj"] == 2 * 16 * 32
     assert roles["norm"] == (2 * 2 + 1) * 16
-    assert arch.group_roles(roles)["mlp"] == 3 * 2 * 16 * 32
+    assert arch.group_roles(roles, model)["mlp"] == 3 * 2 * 16 * 32
 
 
 def test_quantizable_excludes_the_head(skeletons):
     weights, rows = arch.quantizable(skeletons["phi-2"])
     assert weights == 32 * (4 * 2560 * 2560 + 2 * 2560 * 10240)
     assert rows == 32 * (4 * 2560 + 10240 + 2560)
+
+
+def test_quantizable_is_the_transformers_rule(skeletons):
+    """arch.quantizable sums quant.quantizable_linears (what bitsandbytes loading quantizes) on every shipped config."""
+    for name, model in skeletons.items():
+        layers = quant.quantizable_linears(model)
+        assert arch.quantizable(model) == (sum(n for _, n, _ in layers), sum(r for _, _, r in layers)), name
+
+
+def test_groups_come_from_structure():
+    """GPT-2's c_proj is attention *and* MLP (keys qualified by parent); OPT's fc1/fc2 sit directly in the block."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    with torch.device("meta"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=32))
+        opt = OPTForCausalLM(OPTConfig(hidden_size=16, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                       vocab_size=64, word_embed_proj_dim=8))
+    roles = arch.count_params_by_role(gpt2)
+    assert roles["attn.c_proj"] == 2 * (16 * 16 + 16) and roles["mlp.c_proj"] == 2 * (64 * 16 + 16)
+    assert "c_proj" not in roles and sum(roles.values()) == sum(p.numel() for p in gpt2.parameters())
+    groups = arch.group_roles(roles, gpt2)
+    assert groups["attention"] == roles["c_attn"] + roles["attn.c_proj"] and groups["mlp"] == roles["c_fc"] + roles["mlp.c_proj"]
+    roles = arch.count_params_by_role(opt)
+    groups = arch.group_roles(roles, opt)
+    assert groups["mlp"] == roles["fc1"] + roles["fc2"] == 2 * (16 * 64 + 64 + 64 * 16 + 16)
+    assert groups["other"] == roles["project_in"] + roles["project_out"] == 2 * 16 * 8  # outside the blocks
+    assert sum(groups.values()) == sum(p.numel() for p in opt.parameters())
 
 
 def test_memory_by_precision_hand_computed():

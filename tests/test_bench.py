@@ -1,4 +1,4 @@
-"""helpers.bench: perplexity with hand-computed values, peak memory, timing, footprint, generation speed, 4-bit guard.
+"""helpers.bench: peak memory, timing, footprint, generation speed, the 4-bit guard (perplexity: test_evals.py).
 
 Models are either fakes whose logits we set, or tiny Llamas built from a config (no downloads).
 """
@@ -7,36 +7,12 @@ from __future__ import annotations
 
 import math
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
+from conftest import IdTokenizer
 
-from helpers import bench, models, quant
-
-
-class IdTokenizer:
-    """A 'tokenizer' whose text is space-separated token ids, so tests choose the tokens exactly."""
-
-    pad_token_id = 0
-    eos_token_id = 0
-
-    def __call__(self, text, return_tensors=None):
-        ids = [int(t) for t in text.split()]
-        return {"input_ids": torch.tensor([ids]) if return_tensors else ids}
-
-
-class TableLM(nn.Module):
-    """Next-token logits depend only on the current token: logits = table[token]."""
-
-    def __init__(self, table: torch.Tensor):
-        super().__init__()
-        self.table = nn.Parameter(table.clone())
-        self.dropout = nn.Dropout(0.5)
-
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.dropout(self.table[input_ids]))
+from helpers import bench, evals, models, quant
 
 
 def tiny_llama(vocab=256):
@@ -46,66 +22,6 @@ def tiny_llama(vocab=256):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
-
-
-# ------------------------------------------------------------------------------------ perplexity
-
-
-def test_uniform_logits_give_perplexity_equal_to_vocab_size():
-    model = TableLM(torch.zeros(7, 7))
-    assert bench.perplexity(model, IdTokenizer(), "1 2 3 4 5 6") == pytest.approx(7.0, rel=1e-6)
-
-
-def test_bigram_perplexity_matches_hand_computation():
-    # token 1 -> token 2 with p = 0.5, token 2 -> token 1 with p = 0.25 (rest spread over the other tokens)
-    table = torch.full((4, 4), -1e9)
-    table[1] = torch.log(torch.tensor([1 / 6, 1 / 6, 0.5, 1 / 6]))
-    table[2] = torch.log(torch.tensor([0.25, 0.25, 0.25, 0.25]))
-    model = TableLM(table)
-    # "1 2 1 2 1": predicted 2 (0.5), 1 (0.25), 2 (0.5), 1 (0.25)
-    expected = math.exp(-(2 * math.log(0.5) + 2 * math.log(0.25)) / 4)
-    assert bench.perplexity(model, IdTokenizer(), "1 2 1 2 1") == pytest.approx(expected, rel=1e-6)
-    assert expected == pytest.approx(math.sqrt(8))
-
-
-def test_windows_and_token_weighting():
-    table = torch.randn(5, 5)
-    model, tok = TableLM(table), IdTokenizer()
-    # 10 tokens, windows of 4: [4, 4, 2] -> 3 + 3 + 1 = 7 predicted tokens
-    res = bench.token_nll(model, tok, "1 2 3 4 1 2 3 4 1 2", max_length=4)
-    assert res["n_tokens"] == 7 and res["n_windows"] == 3
-    logp = torch.log_softmax(table, -1)
-    pairs = [(1, 2), (2, 3), (3, 4), (1, 2), (2, 3), (3, 4), (1, 2)]
-    assert res["nll_sum"] == pytest.approx(-sum(float(logp[a, b]) for a, b in pairs), rel=1e-5)
-    # token-weighted over texts: one 3-token text and one 5-token text = one 8-token pool of predictions
-    two = bench.token_nll(model, tok, ["1 2 3", "4 1 2 3 4"], max_length=512, batch_size=2)
-    assert two["n_tokens"] == 2 + 4
-    one = bench.token_nll(model, tok, ["1 2 3", "4 1 2 3 4"], max_length=512, batch_size=1)
-    assert two["nll_sum"] == pytest.approx(one["nll_sum"], rel=1e-9)
-
-
-def test_perplexity_runs_without_dropout_and_restores_mode():
-    model = TableLM(torch.randn(6, 6))
-    model.train()
-    runs = {bench.perplexity(model, IdTokenizer(), "1 2 3 4 5") for _ in range(3)}
-    assert len(runs) == 1  # dropout would make these differ
-    assert model.training and model.dropout.training
-
-
-@pytest.mark.slow
-def test_perplexity_equals_exp_of_model_loss_and_padding_is_ignored():
-    model = tiny_llama()
-    tok = IdTokenizer()
-    ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss
-    text = " ".join(map(str, ids[0].tolist()))
-    assert bench.perplexity(model, tok, text) == pytest.approx(math.exp(float(loss)), rel=1e-5)
-    short = " ".join(map(str, ids[0, :9].tolist()))
-    a = bench.token_nll(model, tok, [text, short], batch_size=1)
-    b = bench.token_nll(model, tok, [text, short], batch_size=2)  # the short one is right-padded
-    assert a["n_tokens"] == b["n_tokens"] == 39 + 8
-    assert a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ memory, timing
@@ -127,6 +43,27 @@ def test_peak_memory_of_nothing_is_small_and_bad_device_raises():
     assert pm.delta_bytes < 20e6
     with pytest.raises(ValueError, match="device must be"):
         bench.PeakMemory("tpu")
+    with pytest.raises(ValueError, match="measure must be"):
+        bench.PeakMemory("cpu", measure="vms")
+
+
+def test_live_memory_leaves_out_what_the_allocator_keeps():
+    now = bench.process_memory()
+    assert now["live"] == now["rss"] - now["allocator_free"] and now["allocator_free"] >= 0
+    torch.ones(4_000_000).add_(1)                        # freeing a 16 MB mmap raises glibc's mmap threshold to 16 MB
+    blocks = [torch.ones(250_000) for _ in range(200)]  # so these 200 x 1 MB come from the heap
+    del blocks[::2]                                      # every other block freed: holes the heap keeps
+    with bench.PeakMemory("cpu", measure="live") as pm:
+        time.sleep(0.05)
+    assert pm.kind == "live" and pm.peak_rss_bytes - pm.peak_bytes >= 0
+    if bench.allocator_free_bytes() is not None:         # glibc: the holes are free heap, not live memory
+        assert bench.process_memory()["allocator_free"] >= 50e6
+    with bench.PeakMemory("cpu", measure="live") as pm:
+        block = torch.ones(50_000_000)
+        time.sleep(0.1)
+        del block
+    assert 190e6 <= pm.delta_bytes <= 400e6, pm
+    assert pm.as_dict()["kind"] == "live" and pm.as_dict()["peak_rss_bytes"] >= pm.as_dict()["peak_bytes"]
 
 
 def test_time_call_counts_warmup_and_repeats():
@@ -197,7 +134,7 @@ def test_guarded_perplexity_keeps_4bit_model_trainable(tiny_folder):
     for guard in (True, False):
         model = models.load_model(tiny_folder, quantization="nf4")
         peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-        ppl = bench.perplexity(peft_model, tok, text, guard_4bit=guard)
+        ppl = evals.perplexity(peft_model, tok, text, guard_4bit=guard)  # runs in bench.eval_mode
         assert math.isfinite(ppl)
         repacked = quant.cpu_repacked_layers(peft_model)
         peft_model.train()

@@ -1,4 +1,5 @@
-"""helpers.evals: lm-eval-exact multiple-choice scoring, intervals, paired tests, and the committed benchmark slices."""
+"""helpers.evals: the log-likelihood engine, perplexity, lm-eval-exact multiple-choice scoring, intervals, paired
+tests, and the committed benchmark slices."""
 
 import hashlib
 import importlib.util
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import IdTokenizer
 
 from helpers import data, env, evals, models
 
@@ -55,6 +57,18 @@ def bigram_logprob(W: torch.Tensor, ids: list[int], start: int) -> float:
     """Sum over positions k >= start of log softmax(W[ids[k-1]])[ids[k]] — the reference, written independently."""
     logp = torch.log_softmax(W.detach(), dim=-1)
     return float(sum(logp[ids[k - 1], ids[k]] for k in range(start, len(ids))))
+
+
+class TableLM(torch.nn.Module):
+    """Next-token logits depend only on the current token: logits = table[token] (with dropout, to catch train mode)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table.clone())
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.dropout(self.table[input_ids]))
 
 
 ITEMS = [
@@ -127,6 +141,99 @@ def test_validate_item_rejects_bad_items():
         evals.validate_item({"context": "x", "choices": ["a"], "gold": 0})
     with pytest.raises(ValueError, match="lacks"):
         evals.validate_item({"choices": ["a", "b"], "gold": 0})
+
+
+# ------------------------------------------------------------------------------------------- the engine, perplexity
+
+
+def test_target_logprobs_gathers_given_positions_shares_inputs_and_checks_requests():
+    model = BigramLM(9)
+    logp = torch.log_softmax(model.W.detach(), dim=-1)
+    inp = [1, 2, 3, 4, 5]
+    reqs = [(inp, 0, [2, 3]), (inp, 3, [5, 6]), ([7, 8], 1, [1]), (inp, 4, [8])]
+    calls = []
+    hook = model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        res = evals.target_logprobs(model, reqs, batch_size=2)
+    finally:
+        hook.remove()
+    assert calls == [torch.Size([2, 5])]  # two distinct inputs, one batch; the short one right-padded
+    for (seq, start, targets), (got, greedy) in zip(reqs, res, strict=True):
+        want = [float(logp[seq[start + j], t]) for j, t in enumerate(targets)]
+        assert got.tolist() == pytest.approx(want, abs=1e-6)
+        assert greedy == all(int(logp[seq[start + j]].argmax()) == t for j, t in enumerate(targets))
+    kept = evals.target_logprobs(model, reqs, batch_size=1, longest_first=False)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(res, kept, strict=True))
+    for bad in [(inp, 4, [1, 2]), (inp, -1, [1]), (inp, 0, [])]:
+        with pytest.raises(ValueError, match="request 0"):
+            evals.target_logprobs(model, [bad])
+
+
+def test_text_nll_and_continuation_scoring_are_the_same_engine(tok):
+    model = BigramLM(len(tok), max_positions=256)
+    ids = tok.encode("The quick brown fox jumps over the lazy dog.")
+    text = " ".join(map(str, ids))
+    nll = evals.token_nll(model, IdTokenizer(), text)["nll_sum"]
+    (ll, _), = evals.pair_logprobs(model, [(ids[:1], ids[1:])], limit=256)
+    assert nll == pytest.approx(-ll, rel=1e-6) and nll == pytest.approx(-bigram_logprob(model.W, ids, 1), rel=1e-5)
+
+
+def test_uniform_logits_give_perplexity_equal_to_vocab_size():
+    model = TableLM(torch.zeros(7, 7))
+    assert evals.perplexity(model, IdTokenizer(), "1 2 3 4 5 6") == pytest.approx(7.0, rel=1e-6)
+
+
+def test_bigram_perplexity_matches_hand_computation():
+    # token 1 -> token 2 with p = 0.5, token 2 -> token 1 with p = 0.25 (rest spread over the other tokens)
+    table = torch.full((4, 4), -1e9)
+    table[1] = torch.log(torch.tensor([1 / 6, 1 / 6, 0.5, 1 / 6]))
+    table[2] = torch.log(torch.tensor([0.25, 0.25, 0.25, 0.25]))
+    model = TableLM(table)
+    # "1 2 1 2 1": predicted 2 (0.5), 1 (0.25), 2 (0.5), 1 (0.25)
+    expected = math.exp(-(2 * math.log(0.5) + 2 * math.log(0.25)) / 4)
+    assert evals.perplexity(model, IdTokenizer(), "1 2 1 2 1") == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(math.sqrt(8))
+
+
+def test_windows_and_token_weighting():
+    table = torch.randn(5, 5)
+    model, tok = TableLM(table), IdTokenizer()
+    # 10 tokens, windows of 4: [4, 4, 2] -> 3 + 3 + 1 = 7 predicted tokens
+    res = evals.token_nll(model, tok, "1 2 3 4 1 2 3 4 1 2", max_length=4)
+    assert res["n_tokens"] == 7 and res["n_windows"] == 3
+    logp = torch.log_softmax(table, -1)
+    pairs = [(1, 2), (2, 3), (3, 4), (1, 2), (2, 3), (3, 4), (1, 2)]
+    assert res["nll_sum"] == pytest.approx(-sum(float(logp[a, b]) for a, b in pairs), rel=1e-5)
+    # token-weighted over texts: one 3-token text and one 5-token text = one 8-token pool of predictions
+    two = evals.token_nll(model, tok, ["1 2 3", "4 1 2 3 4"], max_length=512, batch_size=2)
+    assert two["n_tokens"] == 2 + 4
+    one = evals.token_nll(model, tok, ["1 2 3", "4 1 2 3 4"], max_length=512, batch_size=1)
+    assert two["nll_sum"] == pytest.approx(one["nll_sum"], rel=1e-9)
+    with pytest.raises(ValueError, match="no window"):
+        evals.token_nll(model, tok, ["1", ""])
+
+
+def test_perplexity_runs_without_dropout_and_restores_mode():
+    model = TableLM(torch.randn(6, 6))
+    model.train()
+    runs = {evals.perplexity(model, IdTokenizer(), "1 2 3 4 5") for _ in range(3)}
+    assert len(runs) == 1  # dropout would make these differ
+    assert model.training and model.dropout.training
+
+
+@pytest.mark.slow
+def test_perplexity_equals_exp_of_model_loss_and_padding_is_ignored(tiny_phi):
+    tok = IdTokenizer()
+    ids = torch.randint(1, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = tiny_phi(input_ids=ids, labels=ids).loss
+    text = " ".join(map(str, ids[0].tolist()))
+    assert evals.perplexity(tiny_phi, tok, text) == pytest.approx(math.exp(float(loss)), rel=1e-5)
+    short = " ".join(map(str, ids[0, :9].tolist()))
+    a = evals.token_nll(tiny_phi, tok, [text, short], batch_size=1)
+    b = evals.token_nll(tiny_phi, tok, [text, short], batch_size=2)  # the short one is right-padded
+    assert a["n_tokens"] == b["n_tokens"] == 39 + 8
+    assert a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- tokenization + scoring

@@ -58,3 +58,28 @@ def test_per_rank_memory_and_communication_arithmetic():
     assert memory.communication_bytes(est, "ddp", 1) == 0
     with pytest.raises(ValueError):
         memory.per_rank_memory(est, "zero2", 2)
+
+
+def test_lm_head_working_set_follows_trls_fused_head():
+    # SmolLM2-135M (hidden 576, vocab 49152), batch 4 x 86 tokens on a CPU: torch.profiler's memory timeline showed
+    # 350.6 MiB of temporaries at the start of the backward pass (the peak); on CUDA only the tile buffer remains
+    cpu = memory.lm_head_bytes(576, 49152, batch_size=4, seq_len=86, dtype="float32", device="cpu")
+    assert 340 < cpu / 2**20 < 360
+    gpu = memory.lm_head_bytes(576, 49152, batch_size=4, seq_len=86, dtype="bfloat16", device="cuda")
+    assert gpu == 340 * 32768 * 2 + 340 * 576 * 6 and gpu < cpu / 4
+    tiny_vocab = memory.lm_head_bytes(160, 512, batch_size=2, seq_len=177, device="cpu")  # tiles as wide as the vocab
+    assert tiny_vocab < 8 * 2**20
+
+
+def test_check_plan_uses_the_measured_overhead_and_says_what_the_allocator_kept():
+    plan = memory.MemoryEstimate({"weights": 1.0 * 2**30, "lora_params": 0.0, "gradients": 0.0, "optimizer_state": 0.0,
+                                  "activations": 0.5 * 2**30, "lm_head_working_set": 0.25 * 2**30,
+                                  "backward_working_set": 0.0, "overhead": 0.3 * 2**30})
+    peak = {"device": "cpu", "kind": "live", "start_bytes": 1.5 * 2**30, "model_bytes": 1.0 * 2**30,
+            "peak_bytes": 2.25 * 2**30, "peak_rss_bytes": 2.5 * 2**30}
+    check = memory.check_plan(plan, peak)
+    assert check["overhead_gib"] == 0.5 and check["predicted_gib"] == 2.25 and check["ratio"] == 1.0
+    assert check["growth_predicted_gib"] == check["growth_measured_gib"] == 0.75
+    assert check["allocator_retained_gib"] == 0.25
+    cuda = memory.check_plan(plan, {**peak, "device": "cuda", "kind": "max_allocated"})
+    assert cuda["overhead_gib"] == 0 and cuda["predicted_gib"] == 1.75

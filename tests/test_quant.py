@@ -96,6 +96,21 @@ def test_full_precision_model_has_nothing_quantized():
     assert acc["full_precision_by_kind"]["embedding"] == 4 * EMBED and acc["full_precision_by_kind"]["head"] == 0
 
 
+def test_full_precision_kinds_follow_helpers_roles():
+    """Biased Phi: Linear weights are 'linear', their biases 'bias'; the head's bias counts with the head."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    with torch.device("meta"):
+        model = PhiForCausalLM(PhiConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+                                         num_hidden_layers=LAYERS, num_attention_heads=4))
+    kinds = quant.quantized_linear_bytes(model)["full_precision_by_kind"]
+    assert set(kinds) == set(quant.FULL_PRECISION_KINDS)
+    assert kinds["embedding"] == 4 * EMBED and kinds["head"] == 4 * (EMBED + VOCAB)
+    assert kinds["linear"] == 4 * Q_WEIGHTS - 4 * LAYERS * HIDDEN * INTER  # Phi: fc1/fc2, no gate
+    assert kinds["bias"] == 4 * LAYERS * (4 * HIDDEN + INTER + HIDDEN)
+    assert kinds["norm"] == 4 * 2 * (LAYERS + 1) * HIDDEN and kinds["other"] == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_bytes_match_hand_count(tiny_folder, double_quant):
