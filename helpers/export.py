@@ -101,7 +101,7 @@ def prepare_converter(version: str = LLAMA_CPP_PYTHON, sdist: str | Path | None 
             for m in members:
                 m.name = m.name[len(prefix):]
             tar.extractall(out, members=members, filter="data")
-        (out / "slm_course_source.json").write_text(json.dumps({"sdist": src.name, "version": version}))
+        env.write_json(out / "slm_course_source.json", {"sdist": src.name, "version": version})
         if target.exists():  # an incomplete copy (or one another process finished meanwhile): replace it
             shutil.rmtree(target, ignore_errors=True)
         try:

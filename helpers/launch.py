@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers import env
+
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
 LAUNCH_KEYS = {"quant_storage"}  # recipe keys for the launcher, not TrainConfig fields (under `launch:`)
 
@@ -270,7 +272,7 @@ class RankRecorder(_callback_base()):
             self._handle.remove()
         self.record.update(end_step=state.global_step, adapter_sha256=adapter_digest(model) if model is not None else None)
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"rank{args.process_index}.json").write_text(json.dumps(self.record, indent=1))
+        env.write_json(self.folder / f"rank{args.process_index}.json", self.record)
         return control
 
 

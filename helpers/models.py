@@ -243,7 +243,7 @@ def _safetensors_consistent(path: Path) -> bool:
 
 def _write_manifest(folder: Path, extra: dict) -> None:
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
-    (folder / MANIFEST).write_text(json.dumps({"files": files, **extra}, indent=1))
+    env.write_json(folder / MANIFEST, {"files": files, **extra})
 
 
 def check_cache(folder: str | Path, deep: bool = False) -> tuple[bool, str]:

@@ -348,7 +348,7 @@ def save_adapter(trainer, tokenizer, cfg: TrainConfig, out: Path) -> Path:
     shutil.rmtree(adapter_dir, ignore_errors=True)  # a previous run's files (another model's chat template) must not mix in
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    (adapter_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    env.write_json(adapter_dir / "train_config.json", cfg.to_dict())
     return adapter_dir
 
 
