@@ -174,7 +174,9 @@ def check_plan(plan: MemoryEstimate, peak: Mapping) -> dict[str, float | str]:
     The plan's overhead becomes what the process held besides the model when training started (measured:
     start_bytes - model_bytes on CPU; 0 on CUDA, where max_memory_allocated counts tensors only). Returns the
     predicted and measured peak, their ratio, the predicted and measured growth during training and, on CPU, the
-    freed memory the allocator kept (RSS peak - live peak), which the plan leaves out.
+    freed memory the allocator kept (RSS peak - live peak), which the plan leaves out. On CPU the weights must be
+    resident when training starts (after any forward pass: weights loaded from safetensors are memory-mapped and
+    page in on first use), or the overhead comes out too small by what is not yet paged in.
     """
     overhead = peak["start_bytes"] - peak["model_bytes"] if peak["device"] == "cpu" else 0.0
     predicted = plan.total - plan.parts["overhead"] + overhead
