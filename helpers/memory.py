@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from helpers import arch, lora, quant
+from helpers import arch, lora, quant, roles
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero3")
 
@@ -75,7 +75,7 @@ def _activation_elements_per_token(config, model, targets, lora_dropout: float, 
     mlp = (0 if parallel else 2 * h) + (4 * i if gated else 3 * i)  # norm in/out; gate,up,act,product | fc1,act,tmp
     scores = 2 * a * seq_len if attention == "eager" else 0  # eager keeps softmax probs (+ dropout) per token
     # LoRA: dropout(x) is a new tensor per adapted layer (when dropout > 0), plus the rank-r output of lora_A
-    layer = next(n for n, _ in model.named_modules() if n.endswith((".layers.0", ".h.0", ".blocks.0")))
+    layer = roles.decoder_blocks(model)[0]
     modules = dict(model.named_modules())
     adapted = [modules[n] for n in lora.matched_modules(model, targets) if n.startswith(layer + ".")]
     lora_part = sum(getattr(m, "in_features", 0) for m in adapted) if lora_dropout > 0 else 0
@@ -196,13 +196,13 @@ def unit_bytes(config_or_name, quantization: str | None, dtype: str, double_quan
 
     config = arch.load_config(config_or_name) if isinstance(config_or_name, str) else config_or_name
     model = arch.meta_model(config)
-    layers = next(m for n, m in model.named_modules() if n.endswith(("layers", ".h")) and isinstance(m, nn.ModuleList))
-    layer = layers[0]
+    blocks = roles.decoder_blocks(model)
+    layer = model.get_submodule(blocks[0])
     lin = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
     rest = sum(p.numel() for p in layer.parameters()) - lin
     q = quantization or dtype
     layer_b = quant.weight_bytes(lin, q, double_quant=double_quant) + quant.weight_bytes(rest, dtype)
-    root = sum(p.numel() for p in model.parameters()) - len(layers) * sum(p.numel() for p in layer.parameters())
+    root = sum(p.numel() for p in model.parameters()) - len(blocks) * sum(p.numel() for p in layer.parameters())
     return {"layer": layer_b, "root": quant.weight_bytes(root, dtype)}
 
 
