@@ -10,11 +10,11 @@ import json
 import math
 import os
 import platform
-import random
 import socket
 import sys
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,15 +30,10 @@ STACK = (
 
 
 def set_seed(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) for reproducible runs."""
-    import numpy as np
-    import torch
+    """Seed Python, NumPy and torch (CPU and every CUDA device) for reproducible runs: `transformers.set_seed`."""
+    from transformers import set_seed as hf_set_seed
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    hf_set_seed(seed)
 
 
 def cache_dir() -> Path:
@@ -49,17 +44,28 @@ def cache_dir() -> Path:
     return path
 
 
-def build_dir(name: str | None = None) -> Path:
-    """The gitignored output folder ($SLM_COURSE_BUILD or <repo>/build), or its sub-folder `name`."""
-    root = Path(os.environ.get(BUILD_ENV) or REPO_ROOT / "build")
+def build_dir(name: str | None = None, smoke: bool = False) -> Path:
+    """The gitignored output folder ($SLM_COURSE_BUILD or <repo>/build), or its sub-folder `name`.
+
+    Smoke runs live in a folder of their own named `smoke` (build/smoke/, the tests' folder), so a quick run never
+    writes over a full run's results. A relative $SLM_COURSE_BUILD is taken from the repository root.
+    """
+    root = Path(os.environ.get(BUILD_ENV) or "build")
+    root = root if root.is_absolute() else REPO_ROOT / root
+    if smoke and root.name != "smoke":
+        root = root / "smoke"
     path = root / name if name else root
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def output_dir(output_dir: str, notebook: str) -> Path:
-    """Resolve a notebook's OUTPUT_DIR parameter: "auto" → build/<notebook>/, else the given path."""
-    path = build_dir(notebook) if output_dir in ("", "auto", None) else Path(output_dir)
+def output_dir(output_dir: str, notebook: str, smoke: bool = False) -> Path:
+    """Resolve a notebook's OUTPUT_DIR parameter: "auto" → build/<notebook>/ (build/smoke/<notebook>/ for a smoke
+    run), a relative path → inside build/ (the kernel's working directory is notebooks/), else the given path."""
+    if output_dir in ("", "auto", None):
+        return build_dir(notebook, smoke=smoke)
+    path = Path(output_dir).expanduser()
+    path = path if path.is_absolute() else build_dir() / path
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -76,16 +82,34 @@ class DeviceChoice:
     @property
     def dtype(self):
         """The torch dtype object for `dtype_name`."""
-        import torch
-
-        return getattr(torch, self.dtype_name)
+        return torch_dtype(self.dtype_name)
 
     def __str__(self) -> str:
         return f"{self.device} ({self.name}), {self.dtype_name}: {self.reason}"
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype named 'float32' | 'bfloat16' | 'float16'; anything else raises with the accepted names."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
 def choose_device(prefer: str = "auto") -> DeviceChoice:
-    """Pick device and compute dtype: bf16 on CUDA that supports it, fp16 on older CUDA (T4), fp32 on CPU."""
+    """THE dtype decision: bf16 on a GPU with native bf16 (compute capability ≥ 8.0), fp16 on older CUDA (a T4),
+    fp32 on a CPU.
+
+    `torch.cuda.is_bf16_supported()` alone is not enough: by default it counts emulation and says True on a T4,
+    where bf16 runs emulated and slowly; `including_emulation=False` asks for the hardware. Recipe cells inline
+    the same expression: ``torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else
+    torch.float16`` on CUDA, ``torch.float32`` otherwise (tests/test_hardware.py runs both on simulated cards).
+    Apple GPUs (MPS) are not used: the course's 4-bit and training path is CUDA or CPU, so a Mac runs on its CPU.
+    """
     import torch
 
     if prefer not in ("auto", "cpu", "cuda"):
@@ -101,15 +125,17 @@ def choose_device(prefer: str = "auto") -> DeviceChoice:
             "cuda", "float16",
             f"compute capability {major}.{minor} has no native bf16 (e.g. a T4): fp16 with loss scaling", name,
         )
-    return DeviceChoice("cpu", "float32", "no CUDA GPU: CPU kernels are fastest and exact in fp32", platform.processor() or "cpu")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    why = ("an Apple GPU (MPS) is present but not used: the course's 4-bit and training path is CUDA or CPU; "
+           "fp32 on the CPU" if mps else "no CUDA GPU: CPU kernels are fastest and exact in fp32")
+    return DeviceChoice("cpu", "float32", why, platform.processor() or "cpu")
 
 
 def check_dtype_supported(dtype_name: str, device: str) -> None:
     """Raise a clear error if `dtype_name` cannot be used for training on `device` (e.g. bf16 on a T4)."""
     import torch
 
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype_name!r}")
+    torch_dtype(dtype_name)
     if device.startswith("cuda") and dtype_name == "bfloat16" and not torch.cuda.is_bf16_supported(False):
         raise ValueError(
             f"bf16 is not supported on {torch.cuda.get_device_name(0)} (needs compute capability >= 8.0). "
@@ -117,6 +143,14 @@ def check_dtype_supported(dtype_name: str, device: str) -> None:
         )
     if device == "cpu" and dtype_name == "float16":
         raise ValueError("float16 training on CPU is unsupported/slow and unstable; use float32 (or bfloat16).")
+
+
+def training_dtype(requested: str | None = None, device: DeviceChoice | None = None) -> str:
+    """The dtype a run trains and computes in: `requested` (checked against the hardware), else `choose_device`'s."""
+    device = device or choose_device()
+    name = requested or device.dtype_name
+    check_dtype_supported(name, device.device)
+    return name
 
 
 def versions(packages: tuple[str, ...] = STACK) -> dict[str, str]:
@@ -186,11 +220,26 @@ def env_report(device: DeviceChoice | None = None) -> dict:
     }
 
 
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """CPUs a container's CFS quota allows (cgroup v2 `cpu.max` "quota period", v1 cfs_quota_us/period_us), or None."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
 def cpu_cores() -> int:
-    """Cores this process may run on (the CPU affinity mask where the OS has one, else os.cpu_count())."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+    """Cores this process may run on: the CPU affinity mask (else os.cpu_count()), capped by a container's quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(n, quota) if quota else n)
 
 
 def set_cpu_threads(requested: int = 0) -> tuple[int, str]:
@@ -214,19 +263,28 @@ def set_cpu_threads(requested: int = 0) -> tuple[int, str]:
 COMMON_METRICS = ("notebook", "model", "device", "dtype", "smoke", "seed", "seconds", "threads", "versions")
 
 
-def json_safe(obj):
-    """A JSON-writable copy: NaN/inf → None, numpy/torch scalars → Python numbers, paths and tuples handled."""
+def json_safe(obj, where: str = "value"):
+    """A JSON-writable copy: NaN/inf → None, numpy/torch scalars → numbers, paths/dtypes/enums → strings.
+
+    Anything else that JSON cannot hold raises TypeError naming where it sits (never silently str()-ed).
+    """
     if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set)):
-        return [json_safe(v) for v in obj]
+        return [json_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, Enum):
+        return json_safe(obj.value, where)
+    if type(obj).__module__ == "torch" and type(obj).__name__ == "dtype":
+        return str(obj).removeprefix("torch.")
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 0) == 0:
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    return obj
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"{where} is a {type(obj).__name__} ({obj!r:.60}), which JSON cannot hold: convert it first")
 
 
 def write_metrics(out: Path, notebook: str, metrics: dict, *, model: str, device: DeviceChoice, smoke: bool,
@@ -250,10 +308,10 @@ def write_metrics(out: Path, notebook: str, metrics: dict, *, model: str, device
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write `obj` as indented JSON (cleaned by `json_safe`: NaN → null, numpy scalars → numbers; else str())."""
+    """Write `obj` as indented JSON (cleaned by `json_safe`: NaN → null, numpy scalars → numbers; others raise)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(obj), indent=1, default=str))
+    path.write_text(json.dumps(json_safe(obj, path.name), indent=1))
     return path
 
 

@@ -62,9 +62,11 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 # The tiny Phi: Phi-2's structure (parallel attention + MLP, partial rotary 0.4, dense output projection,
-# biased lm_head, untied embeddings, resid dropout 0.1) at a size that builds in about a second.
+# biased lm_head, untied embeddings, resid dropout 0.1) at a size that builds in about a second. Every Linear's
+# input width is a multiple of 64, the 4-bit blocksize, like every real model's: on CPUs with AVX-512 BF16,
+# bitsandbytes 0.50 repacks 4-bit weights for inference assuming it (docs/sources.md#bnb-cpu-repack).
 TINY_PHI_CONFIG = dict(
-    hidden_size=160, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4,
+    hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=4, partial_rotary_factor=0.4, max_position_embeddings=512,
     resid_pdrop=0.1, embd_pdrop=0.0, attention_dropout=0.0, hidden_act="gelu_new",
     layer_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.02,
@@ -142,7 +144,7 @@ def load_model(
     dtype_name = dtype or choice.dtype_name
     path = model_path(name_or_path)
     qconfig = bnb_config(quantization, compute_dtype=dtype_name, double_quant=double_quant, quant_storage=quant_storage)
-    args = dict(dtype=_torch_dtype(dtype_name), **kwargs)
+    args = dict(dtype=env.torch_dtype(dtype_name), **kwargs)
     if qconfig is not None:
         args["quantization_config"] = qconfig
         args.setdefault("device_map", {"": 0} if choice.device == "cuda" else {"": "cpu"})
@@ -165,14 +167,6 @@ def load_tokenizer(name_or_path: str, **kwargs):
         kwargs.setdefault("token", env.hf_token())
     with _friendly_hub_errors(path):
         return AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {name!r}")
-    return getattr(torch, name)
 
 
 def is_hub_id(path: str) -> bool:
@@ -269,11 +263,17 @@ def check_cache(folder: str | Path, deep: bool = False) -> tuple[bool, str]:
     return True, "ok"
 
 
-def _build_atomically(name: str, build, verbose: bool = True) -> Path:
-    """Return cache_dir()/name, (re)building it with `build(tmp_folder) -> dict` if missing or broken."""
+def _build_atomically(name: str, build, verbose: bool = True, recipe: dict | None = None) -> Path:
+    """Return cache_dir()/name, (re)building it with `build(tmp_folder) -> dict` if missing, broken or stale.
+
+    `recipe` (what the build depends on, e.g. a config) is stored in the manifest; a cached copy built from
+    another recipe is stale and rebuilt.
+    """
     target = env.cache_dir() / name
     with _locked(name):
         ok, why = check_cache(target)
+        if ok and recipe is not None and json.loads((target / MANIFEST).read_text()).get("recipe") != env.json_safe(recipe):
+            ok, why = False, "built from another recipe (the course changed it)"
         if ok:
             return target
         if target.exists() and verbose:
@@ -283,7 +283,8 @@ def _build_atomically(name: str, build, verbose: bool = True) -> Path:
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
         extra = build(tmp)
-        _write_manifest(tmp, {**extra, "build_seconds": round(time.perf_counter() - t0, 1)})
+        _write_manifest(tmp, {**extra, "build_seconds": round(time.perf_counter() - t0, 1),
+                              **({"recipe": recipe} if recipe is not None else {})})
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         if verbose:
@@ -382,14 +383,15 @@ def build_tiny_phi(verbose: bool = False) -> Path:
         tok = tiny_phi_tokenizer()
         config = tiny_phi_config(len(tok))
         config.eos_token_id = config.bos_token_id = tok.eos_token_id
-        torch.manual_seed(0)
-        model = PhiForCausalLM(config)
+        with torch.random.fork_rng(devices=[]):   # seed 0 for the weights; the caller's RNG stream is untouched
+            torch.manual_seed(0)
+            model = PhiForCausalLM(config)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         return {"model": "tiny-phi", "source": "built from TINY_PHI_CONFIG, seed 0, tokenizer from data/tiny_phi_corpus.txt",
                 "parameters": sum(p.numel() for p in model.parameters())}
 
-    return _build_atomically("tiny-phi", build, verbose)
+    return _build_atomically("tiny-phi", build, verbose, recipe={"config": TINY_PHI_CONFIG, "vocab": TINY_PHI_VOCAB})
 
 
 def prepare_offline_models(verbose: bool = True) -> dict[str, Path]:

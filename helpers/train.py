@@ -14,6 +14,7 @@ is `helpers.launch`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import json
@@ -134,9 +135,7 @@ def profile_file(profile: str) -> Path:
 def device_and_dtype(cfg: TrainConfig) -> tuple[env.DeviceChoice, str]:
     """The device and the training dtype of a run: cfg.dtype if set (checked against the hardware), else the hardware's."""
     device = env.choose_device()
-    dtype = cfg.dtype or device.dtype_name
-    env.check_dtype_supported(dtype, device.device)
-    return device, dtype
+    return device, env.training_dtype(cfg.dtype, device)
 
 
 def lora_config(cfg: TrainConfig, model=None):
@@ -197,13 +196,14 @@ def sft_config(cfg: TrainConfig, device: str = "cpu", dtype: str = "float32", ev
 # ------------------------------------------------------------------------------------------- callbacks
 
 
-def _callback_base():
+def callback_base() -> type:
+    """transformers' `TrainerCallback`, imported on first use (importing this module stays light)."""
     from transformers import TrainerCallback
 
     return TrainerCallback
 
 
-class GradientCheckCallback(_callback_base()):
+class GradientCheckCallback(callback_base()):
     """After the first backward pass (before the optimizer step): every LoRA tensor must have a non-zero gradient.
 
     Uses `helpers.lora.check_lora_gradients`, which raises with the likely cause (stale targets, a frozen path
@@ -236,7 +236,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds=None, ca
     from trl import SFTTrainer
 
     device = next(model.parameters()).device.type
-    dtype = cfg.dtype or ("float32" if device == "cpu" else env.choose_device().dtype_name)
+    dtype = env.training_dtype(cfg.dtype, env.choose_device("cpu" if device == "cpu" else "auto"))
     evaluate = bool(eval_ds is not None and cfg.eval_steps)
     if evaluate and _is_4bit_on_cpu(model):
         raise ValueError(
@@ -246,6 +246,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds=None, ca
         )
     peft_config = lora_config(cfg, model)  # validates the targets first: stale names fail here, not silently
     if tokenizer.pad_token is None:  # Phi-2: no pad token; pad = eos is safe because labels are padded with -100
+        tokenizer = copy.deepcopy(tokenizer)  # the trainer's copy gets one; the caller's tokenizer is left as it was
         tokenizer.pad_token = tokenizer.eos_token
     if data.record_format(train_ds.column_names) == "text" and cfg.completion_only_loss:
         warnings.warn("text records have no prompt/completion split: the loss covers every token", stacklevel=2)
@@ -342,10 +343,29 @@ def heldout_records(cfg: TrainConfig, eval_ds) -> list | None:
     return list(heldout)
 
 
+def set_aside(out: str | Path, names: Sequence[str], say=print) -> Path | None:
+    """Move an earlier run's `names` (e.g. adapter/, checkpoints/) under out/previous/<time>/; never delete them.
+
+    Returns the folder they went to (None when there was nothing to move) and says where.
+    """
+    out = Path(out)
+    found = [n for n in names if (out / n).exists()]
+    if not found:
+        return None
+    dest = out / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    dest.mkdir(parents=True)
+    for name in found:
+        shutil.move(str(out / name), str(dest / name))
+    say(f"kept the earlier run's {', '.join(found)} in {dest}")
+    return dest
+
+
 def save_adapter(trainer, tokenizer, cfg: TrainConfig, out: Path) -> Path:
     """Write adapter (safetensors + adapter_config.json), tokenizer and train_config.json (the base model's name)."""
     adapter_dir = out / ADAPTER_DIR
-    shutil.rmtree(adapter_dir, ignore_errors=True)  # a previous run's files (another model's chat template) must not mix in
+    set_aside(out, [ADAPTER_DIR])  # a previous run's files (another model's chat template) must not mix in
     trainer.model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     env.write_json(adapter_dir / "train_config.json", cfg.to_dict())
@@ -394,16 +414,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, train_ds=None, eval_ds=N
     heldout = heldout_records(cfg, eval_ds)
     before = evals.evaluate_task(model, tokenizer, heldout, cfg.max_new_tokens, cfg.eval_batch_size) if heldout else None
 
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks)
     resume = cfg.resume_from_checkpoint
     if resume is True and not any((out / CHECKPOINT_DIR).glob("checkpoint-*")):
         resume = None  # nothing to resume from yet: start fresh
+    if not resume:  # inputs are loaded and validated: only now make room, keeping an earlier run's files
+        set_aside(out, [ADAPTER_DIR, CHECKPOINT_DIR])
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, callbacks)
     with bench.PeakMemory(device.device, measure="live") as mem:
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - t0
     main_process = trainer.args.should_save  # several ranks: only the main one writes files
-    adapter_dir = save_adapter(trainer, tokenizer, cfg, out) if main_process else out / ADAPTER_DIR
+    adapter_dir = save_adapter(trainer, trainer.processing_class, cfg, out) if main_process else out / ADAPTER_DIR
 
     model = trainer.model
     model.config.use_cache = True
@@ -434,12 +456,13 @@ def load_trained(adapter_dir: str | Path, quantization: str | None = None, dtype
         return PeftModel.from_pretrained(base, str(adapter_dir)), tok
 
 
-def find_adapter(adapter: str = "auto") -> Path:
-    """A LoRA adapter folder: "auto" (notebook 04's output), a local folder, or a hub id (downloaded; needs the hub).
+def find_adapter(adapter: str = "auto", smoke: bool = False) -> Path:
+    """A LoRA adapter folder: "auto" (notebook 04's output; its smoke run's when `smoke`), a local folder, or a hub
+    id (downloaded; needs the hub).
 
     Raises FileNotFoundError saying what to do when there is none.
     """
-    path = env.build_dir("04_sft_training") / ADAPTER_DIR if adapter == "auto" else Path(adapter)
+    path = env.build_dir("04_sft_training", smoke=smoke) / ADAPTER_DIR if adapter == "auto" else Path(adapter)
     if (path / "adapter_config.json").exists():
         return path
     if adapter != "auto" and models.is_hub_id(adapter) and not path.exists():

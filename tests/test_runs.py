@@ -1,0 +1,101 @@
+"""Nothing lost: a run validates its inputs before touching earlier outputs, never deletes an earlier run's adapter
+or checkpoints, keeps smoke runs apart from full runs, and notebook 04 resumes from its checkpoints like the
+command line does."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import env, launch, train
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from run_notebooks import run_notebook  # noqa: E402
+
+NB04 = ROOT / "notebooks" / "04_sft_training.ipynb"
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_set_aside_moves_and_keeps_every_byte(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "w.bin").write_bytes(b"weights")
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-2" / "s.json").write_text("{}")
+    before = digest(tmp_path)
+    said = []
+    kept = train.set_aside(tmp_path, ["adapter", "checkpoints", "precision_probe"], say=said.append)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "checkpoints").exists()
+    assert kept.parent == tmp_path / "previous" and str(kept) in said[0]
+    assert {k.split("/", 2)[-1]: v for k, v in digest(tmp_path).items()} == before  # the same bytes, moved
+    assert train.set_aside(tmp_path, ["adapter"]) is None                          # nothing left to move
+    (tmp_path / "adapter").mkdir()
+    again = train.set_aside(tmp_path, ["adapter"], say=said.append)
+    assert again != kept and kept.exists() and again.exists()                    # a second move never overwrites
+
+
+def test_smoke_runs_have_their_own_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv(env.BUILD_ENV, str(tmp_path))
+    assert env.output_dir("auto", "04_sft_training") == tmp_path / "04_sft_training"
+    assert env.output_dir("auto", "04_sft_training", smoke=True) == tmp_path / "smoke" / "04_sft_training"
+    assert train.find_adapter.__defaults__ == ("auto", False)
+    monkeypatch.setenv(env.BUILD_ENV, str(tmp_path / "smoke"))  # the tests' build root is already the smoke folder
+    assert env.output_dir("auto", "04_sft_training", smoke=True) == tmp_path / "smoke" / "04_sft_training"
+    assert env.output_dir("mine", "04_sft_training") == tmp_path / "smoke" / "mine"   # relative: inside build/, not cwd
+    assert env.output_dir(str(tmp_path / "abs"), "04_sft_training") == tmp_path / "abs"
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """An earlier run's output folder: adapter/ and checkpoints/ written by the command line (the smoke recipe)."""
+    out = tmp_path_factory.mktemp("run04")
+    res = subprocess.run([sys.executable, "-m", "helpers.launch", "--config", "configs/sft_smoke_tinyphi.yaml",
+                          "--set", f"output_dir={out}", "eval_samples=0"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **OFFLINE}, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and launch.last_complete_checkpoint(out)
+    return out
+
+
+def run04(out: Path, *params: str):
+    meta = json.loads(NB04.read_text())["metadata"]["slm_course"]
+    flags = ["-p", "SMOKE", "True", "-p", "OUTPUT_DIR", str(out)]
+    for p in params:
+        flags += ["-p", *p.split("=", 1)]
+    return run_notebook(NB04, out.parent / f"{out.name}-nb", flags, timeout=meta["timeout"], env_extra=OFFLINE)
+
+
+@pytest.mark.slow
+def test_a_bad_data_file_leaves_the_earlier_run_intact(earlier_run, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "kitchen lights on", "completion": "{}"}\n{"prompt": "hall fan off"}\n')
+    before = digest(earlier_run)
+    res = run04(earlier_run, f"DATA_FILE={bad}")
+    assert res.status == "failed" and "DataFormatError" in res.detail and "row 2" in res.detail, res.detail[-1500:]
+    assert digest(earlier_run) == before and not (earlier_run / "previous").exists()  # byte for byte, nothing moved
+
+
+@pytest.mark.slow
+def test_notebook_04_resumes_and_keeps_the_earlier_adapter(earlier_run):
+    first_adapter = digest(earlier_run / "adapter")
+    last = launch.last_complete_checkpoint(earlier_run)
+    step = int(last.name.rsplit("-", 1)[1])
+    kept_checkpoint = digest(last)
+    res = run04(earlier_run, "RESUME=True", f"MAX_STEPS={step + 2}")
+    assert res.status == "ok", res.detail[-3000:]
+    assert digest(last) == kept_checkpoint                       # resumed from it: step `step` was not trained again
+    assert launch.last_complete_checkpoint(earlier_run).name == f"checkpoint-{step + 2}"
+    previous = sorted((earlier_run / "previous").iterdir())
+    assert len(previous) == 1 and digest(previous[0] / "adapter") == first_adapter   # the earlier adapter, intact
+    metrics = json.loads((earlier_run / "metrics.json").read_text())
+    assert metrics["steps"] == step + 2 and metrics["resumed_from"] == str(last)
