@@ -149,6 +149,12 @@ def lora_config(cfg: TrainConfig, model=None):
                       target_modules=targets, bias="none", task_type="CAUSAL_LM")
 
 
+def precision_flags(device: str, dtype: str) -> dict[str, bool]:
+    """TrainingArguments' precision switches for a device and dtype: bf16/fp16 mixed precision on CUDA only."""
+    return {"bf16": device == "cuda" and dtype == "bfloat16", "fp16": device == "cuda" and dtype == "float16",
+            "use_cpu": device == "cpu"}
+
+
 def sft_config(cfg: TrainConfig, device: str = "cpu", dtype: str = "float32", evaluate: bool = False):
     """TRL `SFTConfig` with every choice made explicitly (no reliance on TRL's changing defaults)."""
     from trl import SFTConfig
@@ -175,9 +181,7 @@ def sft_config(cfg: TrainConfig, device: str = "cpu", dtype: str = "float32", ev
         # memory/precision, explicit: TRL 1.16 would otherwise turn checkpointing and bf16 on by itself
         activation_checkpointing=cfg.activation_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.activation_checkpointing else None,
-        bf16=device == "cuda" and dtype == "bfloat16",
-        fp16=device == "cuda" and dtype == "float16",
-        use_cpu=device == "cpu",
+        **precision_flags(device, dtype),
         # logging / checkpoints / evaluation
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
