@@ -86,6 +86,16 @@ def test_helpers_pick_the_hardware_dtype(kind, simulate):
         assert "MPS" in choice.reason
 
 
+@pytest.mark.parametrize("kind", MACHINES)
+def test_the_trainer_gets_the_matching_precision_switches(kind, simulate):
+    """What SFTConfig/DPOConfig receive: fp16 (with loss scaling) on a T4/V100, bf16 on Ampere+, neither on a CPU."""
+    simulate(kind)
+    device, dtype = train.device_and_dtype(train.TrainConfig())
+    want = {"float16": (True, False, False), "bfloat16": (False, True, False), "float32": (False, False, True)}
+    flags = train.precision_flags(device.device, dtype)
+    assert (flags["fp16"], flags["bf16"], flags["use_cpu"]) == want[expected(kind)], (kind, flags)
+
+
 @pytest.mark.parametrize("kind", ["T4", "V100"])
 def test_bf16_asked_for_on_a_card_without_it_is_refused(kind, simulate):
     simulate(kind)
