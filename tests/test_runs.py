@@ -4,6 +4,7 @@ command line does."""
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -99,3 +100,11 @@ def test_notebook_04_resumes_and_keeps_the_earlier_adapter(earlier_run):
     assert len(previous) == 1 and digest(previous[0] / "adapter") == first_adapter   # the earlier adapter, intact
     metrics = json.loads((earlier_run / "metrics.json").read_text())
     assert metrics["steps"] == step + 2 and metrics["resumed_from"] == str(last)
+    # what notebook 04 wrote after a resumed run (its plumbing; the notebook's Checks keep the lessons)
+    losses = metrics["loss_history"]["loss"]
+    assert len(losses) == step + 2 and all(map(math.isfinite, losses))      # one finite loss per step, restored ones too
+    assert metrics["task_after"]["n"] == metrics["heldout_n"] > 0 and metrics["quantization"] == "nf4"
+    assert metrics["reload_reproduces_generations"] is True and metrics["max_length"] < 2048
+    assert 0.9 <= metrics["memory_check_probe"]["ratio"] <= 1.1                # the planner, in the other precision too
+    assert all(v > 0 for v in metrics["cpu_step_seconds"].values()) and len(metrics["cpu_step_seconds"]) == 2
+    assert (earlier_run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
