@@ -25,6 +25,10 @@ HUB_IDS = {
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
     "llama-2-13b": "meta-llama/Llama-2-13b-hf",
     "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "phi-3-mini-4k-instruct": "microsoft/Phi-3-mini-4k-instruct",
 }
 
 # len(tokenizer) of the hub tokenizers (checked facts, see data/configs/README.md); the embedding has more rows
@@ -202,12 +206,5 @@ def memory_by_precision(
     formats and the rest (embedding, head, norms, biases) stays in `keep`, as bitsandbytes does; `rows` adds
     int8's one fp32 scale per output row.
     """
-    out = {}
-    for label, (fmt, dq) in precisions.items():
-        low_bit = fmt in ("int8", "nf4", "fp4")
-        q = n_params if (quantized is None or not low_bit) else quantized
-        total = quant.weight_bytes(q, fmt, blocksize=blocksize, double_quant=dq, rows=rows if low_bit else 0)
-        if q < n_params:
-            total += quant.weight_bytes(n_params - q, keep)
-        out[label] = total
-    return out
+    return {label: quant.weight_bytes(n_params, fmt, blocksize, dq, rows=rows, quantized=quantized, keep=keep)
+            for label, (fmt, dq) in precisions.items()}

@@ -120,8 +120,9 @@ def _parse_lines(path: Path, text: str) -> list[tuple[int, object]]:
     return rows
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Parse and validate a .json/.jsonl training file into canonical rows (no `datasets` involved)."""
+def numbered_rows(path: str | Path) -> list[tuple[int, object]]:
+    """(row number, object) of every row of a .jsonl file (line numbers) or .json file (an array: 1-based positions;
+    one object; or JSON lines saved as .json); a missing, empty, rowless or malformed file raises, naming the file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data file")
@@ -136,12 +137,10 @@ def read_rows(path: str | Path) -> list[dict]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            first = text.lstrip()[:1]
-            if first == "{":  # JSON lines saved as .json (the `datasets` json loader accepts that too)
-                numbered = _parse_lines(path, text)
-            else:
+            if text.lstrip()[:1] != "{":  # a "{" start: JSON lines saved as .json (the `datasets` loader takes it)
                 raise DataFormatError(path, None, None,
                                       f"malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+            numbered = _parse_lines(path, text)
         else:
             if isinstance(data, dict):
                 data = [data]
@@ -150,8 +149,14 @@ def read_rows(path: str | Path) -> list[dict]:
             numbered = list(enumerate(data, start=1))
     if not numbered:
         raise DataFormatError(path, None, None, "the file has no rows")
+    return numbered
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Parse and validate a .json/.jsonl training file into canonical rows (no `datasets` involved)."""
+    path = Path(path)
     rows, fmt = [], None
-    for row, obj in numbered:
+    for row, obj in numbered_rows(path):
         if not isinstance(obj, dict):
             raise DataFormatError(path, row, None, f"expected an object, got {type(obj).__name__}")
         this = _detect_format(path, row, obj)

@@ -17,8 +17,8 @@ How lm-eval 0.4.13 scores a multiple-choice item (and how :func:`score_mc` does,
    each sum by the choice's length in characters (without the delimiter), which removes the bias to short answers.
 
 Also here: the committed benchmark slices (``data/benchmarks/``), chance rates, Wilson and bootstrap
-intervals, McNemar's exact test and a paired bootstrap for base vs fine-tuned, and :func:`lm_eval_mc`, which
-runs the real lm-eval on the same items for a cross-check.
+intervals, McNemar's exact test and a paired bootstrap for base vs fine-tuned (all computed by ``scipy.stats``),
+and :func:`lm_eval_mc`, which runs the real lm-eval on the same items for a cross-check.
 """
 
 from __future__ import annotations
@@ -247,6 +247,14 @@ def pair_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], limit: in
     return [(float(logp.sum()), greedy) for logp, greedy in res]
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two token lists share (where TRL splits a prompt from its completion)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 4) -> dict:
     """Held-out loss on completions only: summed and mean NLL (nats/token) of each completion given its prompt.
 
@@ -262,9 +270,8 @@ def completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequen
     for p, c in zip(prompts, completions, strict=True):
         ctx = tokenizer.encode(p, add_special_tokens=False)
         whole = tokenizer.encode(p + c, add_special_tokens=False)
-        k = 0  # TRL 1.16: the completion starts where the two token lists diverge (a merged boundary token counts)
-        while k < min(len(ctx), len(whole) - 1) and ctx[k] == whole[k]:
-            k += 1
+        # TRL 1.16: the completion starts where the two token lists diverge (a merged boundary token counts)
+        k = min(common_prefix(ctx, whole), len(whole) - 1)
         pairs.append((whole[:k], whole[k:]))
     res = pair_logprobs(model, pairs, max_length(model, tokenizer), batch_size, softmax_dtype=torch.float32)
     nll = -sum(ll for ll, _ in res)
@@ -308,49 +315,54 @@ def score_mc(model, tokenizer, items: Sequence[dict], batch_size: int = 4, delim
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion k/n (95% for z=1.96); stays inside [0, 1], sensible at 0 and n."""
+    """Wilson score interval for a proportion k/n (95% for z=1.96); stays inside [0, 1], sensible at 0 and n.
+
+    `scipy.stats.binomtest(k, n).proportion_ci(method="wilson")` at the confidence level whose two-sided normal
+    quantile is `z` (so z=1.96 gives the textbook numbers, not scipy's 1.959964…).
+    """
+    from scipy import stats
+
     if n <= 0:
         raise ValueError("n must be positive")
     if not 0 <= k <= n:
         raise ValueError(f"k={k} must be between 0 and n={n}")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # at k = 0 and k = n the bound is exactly 0 or 1 in exact arithmetic; floating point lands a hair inside
-    # (wilson_interval(100, 100) gave an upper bound of 0.9999999999999999), so pin the ends and keep p inside
-    lo = 0.0 if k == 0 else min(p, max(0.0, centre - half))
-    hi = 1.0 if k == n else max(p, min(1.0, centre + half))
-    return lo, hi
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=2 * stats.norm.cdf(z) - 1, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _percentile_bootstrap(x, stat: Callable, iters: int, level: float, seed: int):
+    """scipy's percentile bootstrap of `stat` over `x` (numpy's Generator seeded with `seed`): (low, high, replicates)."""
+    import numpy as np
+    from scipy import stats
+
+    res = stats.bootstrap((x,), stat, n_resamples=iters, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high), res.bootstrap_distribution
 
 
 def bootstrap_interval(values: Sequence[float], stat: Callable | None = None, iters: int = 2000,
                        level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of `stat` (default: the mean) over resamples of `values`."""
+    """Percentile bootstrap interval of `stat` (default: the mean) over resamples of `values` (scipy.stats.bootstrap)."""
     import numpy as np
 
-    x = np.asarray(values, dtype=float)
-    stat = stat or np.mean
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), size=(iters, len(x)))
-    reps = np.array([stat(x[row]) for row in idx])
-    alpha = (1 - level) / 2
-    return float(np.quantile(reps, alpha)), float(np.quantile(reps, 1 - alpha))
+    lo, hi, _ = _percentile_bootstrap(np.asarray(values, dtype=float), stat or np.mean, iters, level, seed)
+    return lo, hi
 
 
 def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
-    """McNemar's exact test on paired 0/1 outcomes: only the discordant items count; two-sided binomial p-value."""
+    """McNemar's exact test on paired 0/1 outcomes: only the discordant items count; two-sided binomial p-value.
+
+    The p-value is `scipy.stats.binomtest(a_only, a_only + b_only, 0.5)`'s (1.0 when no item is discordant).
+    """
+    from scipy import stats
+
     if len(a) != len(b):
         raise ValueError("paired outcomes must have the same length")
     a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
     b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
     both = sum(1 for x, y in zip(a, b, strict=True) if x and y)
     m = a_only + b_only
-    if m == 0:
-        p = 1.0
-    else:
-        tail = sum(math.comb(m, i) for i in range(min(a_only, b_only) + 1)) / 2**m
-        p = min(1.0, 2 * tail)
+    p = float(stats.binomtest(a_only, m, 0.5).pvalue) if m else 1.0
     return {"n": len(a), "both": both, "a_only": a_only, "b_only": b_only, "neither": len(a) - both - m,
             "diff": (b_only - a_only) / len(a) if len(a) else 0.0, "p_value": p}
 
@@ -363,13 +375,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 2000, 
     if len(a) != len(b):
         raise ValueError("paired outcomes must have the same length")
     d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    rng = np.random.default_rng(seed)
-    reps = d[rng.integers(0, len(d), size=(iters, len(d)))].mean(axis=1)
-    alpha = (1 - level) / 2
+    lo, hi, reps = _percentile_bootstrap(d, np.mean, iters, level, seed)
     # p: how often the resampled difference lands on the other side of 0 (doubled, capped at 1)
     p = 1.0 if d.mean() == 0 else min(1.0, 2 * float(np.mean(reps <= 0) if d.mean() > 0 else np.mean(reps >= 0)))
-    return {"diff": float(d.mean()), "ci": (float(np.quantile(reps, alpha)), float(np.quantile(reps, 1 - alpha))),
-            "p_value": p}
+    return {"diff": float(d.mean()), "ci": (lo, hi), "p_value": p}
 
 
 def compare_paired(base: dict, tuned: dict, metric: str = "acc", seed: int = 0) -> dict:
@@ -465,11 +474,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
     import torch
 
     device = next(model.parameters()).device
-    if tokenizer.pad_token is None:  # Phi-2 has none; padded positions are masked out by the attention mask
-        tokenizer.pad_token = tokenizer.eos_token
-    side, outputs = tokenizer.padding_side, []
-    try:
+    side, pad, outputs = tokenizer.padding_side, tokenizer.pad_token, []
+    try:  # the caller's tokenizer is left as it was: padding side and pad token are put back
         tokenizer.padding_side = "left"
+        if pad is None:  # Phi-2 has none; padded positions are masked out by the attention mask
+            tokenizer.pad_token = tokenizer.eos_token
         with torch.no_grad(), bench.eval_mode(model):
             for i in range(0, len(prompts), batch_size):
                 enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
@@ -478,7 +487,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
                                                "pad_token_id": tokenizer.pad_token_id, **generate_kwargs})
                 outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
     return [o.strip() for o in outputs]
 
 

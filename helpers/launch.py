@@ -85,6 +85,47 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()):
         raise ValueError(f"{path}: {err}") from err
 
 
+# Notebook 04's parameters cell: the recipe values that differ between profiles, by the TrainConfig field each sets.
+# The cell holds the cpu profile's values as literals; `follow_profile` moves the unchanged ones to another profile.
+RECIPE_PARAMETERS = {
+    "QUANTIZATION": "quantization", "DOUBLE_QUANT": "double_quant", "LORA_R": "lora_r", "LORA_ALPHA": "lora_alpha",
+    "LORA_DROPOUT": "lora_dropout", "LEARNING_RATE": "learning_rate", "LR_SCHEDULER": "lr_scheduler_type",
+    "WARMUP_STEPS": "warmup_steps", "MAX_STEPS": "max_steps", "BATCH_SIZE": "per_device_train_batch_size",
+    "GRAD_ACCUM": "gradient_accumulation_steps", "MAX_LENGTH": "max_length", "OPTIMIZER": "optimizer",
+    "MAX_GRAD_NORM": "max_grad_norm", "ACTIVATION_CHECKPOINTING": "activation_checkpointing",
+    "LOGGING_STEPS": "logging_steps", "SAVE_STEPS": "save_steps", "N_HELDOUT": "eval_samples",
+    "EVAL_BATCH": "eval_batch_size", "MAX_NEW_TOKENS": "max_new_tokens",
+}
+
+
+def profile_parameters(cfg) -> dict:
+    """`cfg` as notebook 04's parameters (QUANTIZATION "none" for no quantization)."""
+    values = cfg.to_dict()
+    return {name: ("none" if values[key] is None and key == "quantization" else values[key])
+            for name, key in RECIPE_PARAMETERS.items()}
+
+
+def follow_profile(values: Mapping, cfg) -> dict:
+    """Notebook 04's parameters for a run of `cfg`'s profile: each value still equal to the cpu profile's (the
+    parameters cell's literal) takes `cfg`'s; a value the reader changed is kept."""
+    from helpers import train
+
+    cpu = profile_parameters(load_recipe(env.REPO_ROOT / train.PROFILE_FILES["cpu"])[0])
+    target = profile_parameters(cfg)
+    unknown = set(values) - set(RECIPE_PARAMETERS)
+    if unknown:
+        raise ValueError(f"not recipe parameters: {sorted(unknown)}; known: {sorted(RECIPE_PARAMETERS)}")
+    return {name: target[name] if value == cpu[name] else value for name, value in values.items()}
+
+
+def recipe_config(values: Mapping, cfg, **fields):
+    """`cfg` with notebook 04's parameter values (and any other TrainConfig `fields`) put in."""
+    update = {RECIPE_PARAMETERS[name]: (None if name == "QUANTIZATION" and v == "none" else v) for name, v in values.items()}
+    from helpers import train
+
+    return train.TrainConfig.from_dict({**cfg.to_dict(), **update, **fields})
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -199,18 +240,22 @@ class GracefulStop(_callback_base()):
     """
 
     def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
-        self.signum = 0
-        self._previous = {}
-        for s in signals:
-            self._previous[s] = signal.signal(s, self._handler)
+        self.signum, self.signals = 0, tuple(signals)
+        self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
+
+    def install(self) -> None:
+        """Catch the signals (call inside the `try` whose `finally` calls `restore`)."""
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handler)
 
     def restore(self) -> None:
         """Put the previous signal handlers back."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._previous.clear()
 
     def on_step_end(self, args, state, control, **kwargs):
         if _any_rank(bool(self.signum)):
@@ -347,10 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"helpers.launch: {args.config} → {cfg.output_dir} | {launch.world_size} process(es) | "
         + (f"resuming from {cfg.resume_from_checkpoint}" if cfg.resume_from_checkpoint else "fresh start"), flush=True)
     stop = GracefulStop()
-    recorder = RankRecorder(launch, Path(cfg.output_dir) / "ranks")
-    model = load_model_for_launch(cfg, launch_opts, launch)
-    t0 = time.perf_counter()
-    try:
+    try:  # from here on, whatever fails, the previous signal handlers come back (finally)
+        stop.install()
+        recorder = RankRecorder(launch, Path(cfg.output_dir) / "ranks")
+        model = load_model_for_launch(cfg, launch_opts, launch)
+        t0 = time.perf_counter()
         result = train_mod.train(cfg, model=model, callbacks=[stop, recorder], extra_metrics={"launch": {
             "world_size": launch.world_size, "resumed_from": cfg.resume_from_checkpoint,
             "config_file": str(args.config), "overrides": list(args.set), **launch_opts}})

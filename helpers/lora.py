@@ -205,13 +205,10 @@ def matched_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str]
     """Full names of the layers peft would adapt for `targets` (list suffix rule, regex, or "all-linear")."""
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         return [n for n, _ in roles.linear_layers(model)]
-    tuner = roles.tuner_classes()
-    out, inside = [], []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
+    out = []
+    for name, module in roles.visible_modules(model):  # a peft wrapper stands for its layer
+        if not name:
             continue
-        if tuner and isinstance(module, tuner):
-            inside.append(name)
         hit = re.fullmatch(targets, name) if isinstance(targets, str) else any(_matches(t, name) for t in targets)
         if hit and isinstance(roles.base_layer(module), (*roles.linear_types(), nn.Embedding)):
             out.append(name)

@@ -15,8 +15,6 @@ from helpers import arch, lora, quant, roles
 
 STRATEGIES = ("single", "ddp", "fsdp", "zero3")
 
-
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 # optimizer state bytes per trainable parameter
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_32bit": 8,
                    "adamw_8bit": 2, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2, "sgd": 0, "adafactor": 4}
@@ -82,26 +80,16 @@ def _activation_elements_per_token(config, model, targets, lora_dropout: float, 
     return {"attention": attn + scores, "mlp": mlp, "lora": lora_part}
 
 
-def _weight_bytes(model, n_params: int, quantization: str | None, dtype: str, double_quant: bool) -> float:
-    """Bytes of the frozen weights: the quantizable Linear layers at `quantization`, everything else at `dtype`."""
-    if not quantization:
-        return quant.weight_bytes(n_params, dtype)
-    q_weights, rows = arch.quantizable(model)
-    weights = quant.weight_bytes(q_weights, quantization, double_quant=double_quant,
-                                 rows=rows if quantization == "int8" else 0)
-    return weights + quant.weight_bytes(n_params - q_weights, dtype)
-
-
 def lm_head_bytes(hidden: int, vocab: int, batch_size: int, seq_len: int, dtype: str = "float32",
                   device: str = "cpu") -> float:
     """Peak bytes of TRL's fused LM head in the backward pass: the tile buffer, CPU temporaries, fp32 hidden grads."""
     tokens = batch_size * max(seq_len - 1, 1)  # next-token labels: every position but the last
     rows = min(tokens, TOKEN_TILE)
-    buffer = rows * LOGIT_CHUNK * DTYPE_BYTES[dtype]
+    buffer = rows * LOGIT_CHUNK * quant.DTYPE_BYTES[dtype]
     if device == "cpu":  # a CPU page is resident only once written: the buffer costs the columns the tiles fill
-        buffer = rows * min(vocab, LOGIT_CHUNK) * DTYPE_BYTES[dtype]
+        buffer = rows * min(vocab, LOGIT_CHUNK) * quant.DTYPE_BYTES[dtype]
     temporaries = CPU_HEAD_TEMPORARIES * rows * min(vocab, LOGIT_CHUNK) * 4 if device == "cpu" else 0.0
-    return buffer + temporaries + tokens * hidden * (4 + DTYPE_BYTES[dtype])  # + fp32 grad of the hidden states
+    return buffer + temporaries + tokens * hidden * (4 + quant.DTYPE_BYTES[dtype])  # + fp32 grad of the hidden states
 
 
 def estimate_memory(
@@ -124,22 +112,22 @@ def estimate_memory(
     """Predict the peak memory of LoRA/QLoRA training with TRL, by part (bytes).
 
     `config_or_model`: a loaded model, a transformers config, or a shipped config name ("phi-2"). Weights: the
-    Linear layers (not the head) at `quantization`, everything else at `dtype`. LoRA parameters, gradients and
-    optimizer state per trainable parameter (`adapter_dtype`: TRL keeps adapters in bf16 for quantized models).
-    Activations: per token per layer, the tensors saved for backward (checked against torch.profiler on SmolLM2),
-    or each layer's input plus one layer recomputed (`activation_checkpointing`). The peak comes at the start of
-    the backward pass, inside the LM head (`lm_head_bytes`; `device` "cpu" adds the torch fallback's temporaries);
-    the layers' backward working set counts only where it exceeds the head's. `overhead_bytes`: what the process
-    holds anyway (on CPU the live memory before the model is loaded; on CUDA 0 for `max_memory_allocated`).
+    quantizable Linears at `quantization`, the rest at `dtype`. LoRA parameters, gradients and optimizer state per
+    trainable parameter (`adapter_dtype`: TRL keeps adapters in bf16 for quantized models). Activations: per token
+    per layer, the tensors saved for backward (checked against torch.profiler on SmolLM2), or each layer's input
+    plus one layer recomputed (`activation_checkpointing`). The peak comes at the start of the backward pass, in
+    the LM head (`lm_head_bytes`; `device` "cpu" adds the torch fallback's temporaries); the layers' backward
+    working set counts where it exceeds the head's. `overhead_bytes`: held anyway (CPU: the live memory before loading).
     """
     model, config = _skeleton(config_or_model)
     n_params = sum(p.numel() for p in model.parameters())
+    q_weights, q_rows = arch.quantizable(model) if quantization else (None, 0)  # Linear layers at `quantization`
     adapter_dtype = adapter_dtype or ("bfloat16" if quantization else "float32")
     n_lora = lora.expected_lora_params(model, lora_targets, lora_r)
     opt = OPTIMIZER_BYTES.get(optimizer.lower())
     if opt is None:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {sorted(OPTIMIZER_BYTES)}")
-    tokens, layers, act_bytes = batch_size * seq_len, config.num_hidden_layers, DTYPE_BYTES[dtype]
+    tokens, layers, act_bytes = batch_size * seq_len, config.num_hidden_layers, quant.DTYPE_BYTES[dtype]
     per_tok = _activation_elements_per_token(config, model, lora_targets, lora_dropout, attention, seq_len)
     per_layer = tokens * sum(per_tok.values()) * act_bytes
     activations = (layers * tokens * config.hidden_size * act_bytes + per_layer if activation_checkpointing
@@ -147,9 +135,10 @@ def estimate_memory(
     vocab = model.get_output_embeddings().weight.shape[0]
     head = lm_head_bytes(config.hidden_size, vocab, batch_size, seq_len, dtype, device)
     parts = {
-        "weights": _weight_bytes(model, n_params, quantization, dtype, double_quant),
-        "lora_params": n_lora * DTYPE_BYTES[adapter_dtype],
-        "gradients": n_lora * DTYPE_BYTES[adapter_dtype],
+        "weights": quant.weight_bytes(n_params, quantization or dtype, double_quant=double_quant, rows=q_rows,
+                                      quantized=q_weights, keep=dtype),
+        "lora_params": n_lora * quant.DTYPE_BYTES[adapter_dtype],
+        "gradients": n_lora * quant.DTYPE_BYTES[adapter_dtype],
         "optimizer_state": n_lora * opt,
         "activations": activations,
         "lm_head_working_set": head,
@@ -200,8 +189,7 @@ def unit_bytes(config_or_name, quantization: str | None, dtype: str, double_quan
     layer = model.get_submodule(blocks[0])
     lin = sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
     rest = sum(p.numel() for p in layer.parameters()) - lin
-    q = quantization or dtype
-    layer_b = quant.weight_bytes(lin, q, double_quant=double_quant) + quant.weight_bytes(rest, dtype)
+    layer_b = quant.weight_bytes(lin + rest, quantization or dtype, double_quant=double_quant, quantized=lin, keep=dtype)
     root = sum(p.numel() for p in model.parameters()) - len(blocks) * sum(p.numel() for p in layer.parameters())
     return {"layer": layer_b, "root": quant.weight_bytes(root, dtype)}
 
@@ -240,5 +228,5 @@ def communication_bytes(estimate, strategy: str, world_size: int) -> float:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
 
 
-__all__ = ["DTYPE_BYTES", "OPTIMIZER_BYTES", "STRATEGIES", "MemoryEstimate", "check_plan", "communication_bytes", "estimate_memory",
+__all__ = ["OPTIMIZER_BYTES", "STRATEGIES", "MemoryEstimate", "check_plan", "communication_bytes", "estimate_memory",
            "lm_head_bytes", "per_rank_memory", "unit_bytes"]

@@ -73,12 +73,14 @@ def near_miss(answer: str, kind: str, rng: random.Random) -> str | None:
 
 def sample_answers(model, tokenizer, prompts: Sequence[str], n_samples: int = 4, temperature: float = 1.0,
                    max_new_tokens: int = 40, batch_size: int = 16, seed: int = 0) -> list[list[str]]:
-    """`n_samples` sampled completions per formatted prompt (seeded, left-padded batches, special tokens stripped)."""
+    """`n_samples` sampled completions per formatted prompt (seeded without touching the global RNG, left-padded
+    batches, special tokens stripped)."""
     import torch
 
-    torch.manual_seed(seed)
-    flat = evals.generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample=True,
-                          temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n_samples)
+    with torch.random.fork_rng():  # seeded here; the caller's random stream (CPU and CUDA) is left as it was
+        torch.manual_seed(seed)
+        flat = evals.generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample=True,
+                              temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n_samples)
     return [flat[j:j + n_samples] for j in range(0, len(flat), n_samples)]
 
 
@@ -221,24 +223,9 @@ def validate_pairs(rows: Sequence, path: str = "<pairs>", heldout_requests: Iter
 
 
 def read_pairs(path: str | Path, heldout_requests: Iterable[str] = (), eos: str | None = None) -> list[dict]:
-    """Parse and validate a .jsonl (one pair per line) or .json (an array) pairs file; rows are line numbers."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise data.DataFormatError(path, None, None, "the file is empty")
-    numbered: list[tuple[int, object]] = []
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            numbered = list(enumerate(json.loads(text), start=1))
-        except json.JSONDecodeError as err:
-            raise data.DataFormatError(path, None, None, f"malformed JSON at line {err.lineno}: {err.msg}") from None
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    numbered.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise data.DataFormatError(path, lineno, None, f"malformed JSON: {err.msg} (column {err.colno})") from None
+    """Parse and validate a .jsonl (one pair per line) or .json (an array) pairs file (`helpers.data.numbered_rows`:
+    rows are line numbers of a .jsonl file)."""
+    numbered = data.numbered_rows(path)
     held, form = set(heldout_requests), None
     for row, obj in numbered:
         form = validate_pair(obj, row, str(path), form, held, eos)
@@ -269,13 +256,15 @@ def dpo_config(output_dir: str | Path, device: str = "cpu", dtype: str = "float3
     CPU refuses), no checkpoint saving, no reporting, sigmoid DPO loss, dropout off, `max_length` given."""
     from trl import DPOConfig
 
+    from helpers import train  # lazily: it imports peft and transformers' trainer
+
     return DPOConfig(
         output_dir=str(output_dir), beta=beta, loss_type=["sigmoid"], learning_rate=learning_rate,
         max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         max_length=max_length, seed=seed, warmup_steps=warmup_steps, lr_scheduler_type="constant",
         logging_steps=logging_steps, save_strategy="no", report_to="none", disable_dropout=True,
-        bf16=device == "cuda" and dtype == "bfloat16", fp16=device == "cuda" and dtype == "float16",
-        use_cpu=device == "cpu", activation_checkpointing=activation_checkpointing, dataloader_num_workers=0,
+        activation_checkpointing=activation_checkpointing, dataloader_num_workers=0,
+        **train.precision_flags(device, dtype),  # the same bf16/fp16/use_cpu rule as SFT (helpers.train)
     )
 
 
@@ -285,14 +274,6 @@ def reward_history(trainer) -> dict[str, list[float]]:
     keys = {"loss": "loss", "margin": "rewards/margins", "accuracy": "rewards/accuracies",
             "chosen": "rewards/chosen", "rejected": "rewards/rejected"}
     return {"step": [h["step"] for h in logs], **{k: [float(h[v]) for h in logs] for k, v in keys.items()}}
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens two token lists share."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def pair_margins(model, tokenizer, plain_pairs: Sequence[Mapping], beta: float, ref_adapter: str | None = "ref",
@@ -309,7 +290,7 @@ def pair_margins(model, tokenizer, plain_pairs: Sequence[Mapping], beta: float, 
     for p in plain_pairs:
         enc = [tokenizer(t, add_special_tokens=False)["input_ids"]
                for t in (p["prompt"], p["prompt"] + p["chosen"], p["prompt"] + p["rejected"])]
-        k = min(_common_prefix(enc[0], enc[1]), _common_prefix(enc[0], enc[2]))
+        k = min(evals.common_prefix(enc[0], enc[1]), evals.common_prefix(enc[0], enc[2]))
         seqs += [(enc[1][:k], enc[1][k:]), (enc[2][:k], enc[2][k:])]
     limit = evals.max_length(model, tokenizer)
     policy = [ll for ll, _ in evals.pair_logprobs(model, seqs, limit, batch_size)]

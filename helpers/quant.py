@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 from helpers import roles
 
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
-FULL_PRECISION_BITS = {"fp32": 32, "float32": 32, "bf16": 16, "bfloat16": 16, "fp16": 16, "float16": 16}
+LOW_BIT = ("int8", "nf4", "fp4")
+# bytes per element of the full-precision dtypes, by torch name and short name (the one table of dtype widths)
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
 def bits_per_param(precision: str, blocksize: int = 64, double_quant: bool = False, dq_blocksize: int = 256) -> float:
     """Average storage bits per weight for `precision` (fp32, bf16, fp16, int8, fp4, nf4), block overhead included."""
     p = precision.lower()
-    if p in FULL_PRECISION_BITS:
-        return float(FULL_PRECISION_BITS[p])
+    if p in DTYPE_BYTES:
+        return 8.0 * DTYPE_BYTES[p]
     if p == "int8":
         return 8.0  # + one fp32 scale per output row: see weight_bytes(rows=...)
     if p in ("nf4", "fp4"):
@@ -31,11 +33,23 @@ def bits_per_param(precision: str, blocksize: int = 64, double_quant: bool = Fal
     raise ValueError(f"unknown precision {precision!r}; use one of fp32, bf16, fp16, int8, fp4, nf4")
 
 
-def weight_bytes(n_params: int, precision: str, blocksize: int = 64, double_quant: bool = False, rows: int = 0) -> float:
-    """Bytes to store `n_params` weights in `precision`; `rows` adds int8's fp32 per-row scales."""
-    total = n_params * bits_per_param(precision, blocksize, double_quant) / 8
+def weight_bytes(n_params: int, precision: str, blocksize: int = 64, double_quant: bool = False, rows: int = 0,
+                 quantized: int | None = None, keep: str = "bf16") -> float:
+    """Bytes to store `n_params` weights in `precision`; `rows` adds int8's fp32 per-row scales.
+
+    With `quantized` set and a 4/8-bit `precision`, only that many weights (the quantizable Linear layers, see
+    `quantizable_linears`) take it and the rest (embedding, head, norms, biases) stays in `keep`, as bitsandbytes
+    does. The one place that adds up "quantized part + the rest".
+    """
+    low_bit = precision.lower() in LOW_BIT
+    q = n_params if quantized is None or not low_bit else quantized
+    if not 0 <= q <= n_params:
+        raise ValueError(f"quantized={quantized} must be between 0 and n_params={n_params}")
+    total = q * bits_per_param(precision, blocksize, double_quant) / 8
     if precision.lower() == "int8":
         total += 4 * rows
+    if q < n_params:
+        total += (n_params - q) * bits_per_param(keep) / 8
     return total
 
 
@@ -182,6 +196,16 @@ class _FullPrecisionTally:
     params: int = 0
     bytes: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FULL_PRECISION_KINDS, 0))
+    float_elements: int = 0  # elements and bytes of the floating-point tensors among them (buffers included)
+    float_bytes: int = 0
+
+    def add(self, t, nbytes: int, kind: str) -> None:
+        """Count one tensor of `nbytes` (0 when already counted) under `kind`."""
+        self.bytes += nbytes
+        self.by_kind[kind] += nbytes
+        if nbytes and t.is_floating_point():
+            self.float_elements += t.numel()
+            self.float_bytes += nbytes
 
 
 def _tally_quantized(model, once: _Once) -> _QuantizedTally:
@@ -213,14 +237,10 @@ def _tally_full_precision(model, once: _Once, skip: set[int]) -> _FullPrecisionT
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            b = once(p)
             tally.params += p.numel()
-            tally.bytes += b
-            tally.by_kind[roles.param_kind(module, pname, head, embedding)] += b
+            tally.add(p, once(p), roles.param_kind(module, pname, head, embedding))
         for buf in module.buffers(recurse=False):
-            b = once(buf)
-            tally.bytes += b
-            tally.by_kind["buffer"] += b
+            tally.add(buf, once(buf), "buffer")
     return tally
 
 
@@ -279,15 +299,15 @@ def quantizable_linears(model) -> list[tuple[str, int, int]]:
     Works on a meta-device skeleton (no weights needed).
     """
     from torch import nn
+    from transformers import PreTrainedModel
+    from transformers.quantizers.base import get_keys_to_not_convert
 
     done = [(n, *_layer_format(m)[1:]) for n, m in model.named_modules() if is_4bit_linear(m) or is_8bit_linear(m)]
     if done:
         return done
-    try:
-        from transformers.quantizers.base import get_keys_to_not_convert
-
+    if isinstance(model, PreTrainedModel):  # transformers' own rule; its errors are real errors
         skip = set(get_keys_to_not_convert(model))
-    except Exception:  # not a transformers model
+    else:  # a plain torch module: every Linear but the output head, if it has one
         head = roles.head_module(model)
         skip = {n for n, m in model.named_modules() if head is not None and m is head}
     return [
@@ -306,35 +326,25 @@ def theoretical_bytes(
 ) -> dict:
     """What `model` should take in `precision`: the quantizable Linears by the storage formula, the rest as is.
 
-    `other_precision` (e.g. "fp16") prices the tensors that stay unquantized (embeddings, head, norms, biases,
-    buffers) at that width instead of their current dtype. Returns quantized_params, quantized_bytes,
-    full_precision_params, full_precision_bytes, total_bytes, bits_per_quantized_weight.
+    `other_precision` (e.g. "fp16") prices the floating-point tensors that stay unquantized (embeddings, head,
+    norms, biases, buffers) at that width instead of their current dtype. Returns quantized_params,
+    quantized_bytes, full_precision_params, full_precision_bytes, total_bytes, bits_per_quantized_weight.
     """
     layers = quantizable_linears(model)
-    q_names = {n for n, _, _ in layers}
+    modules = dict(model.named_modules())
     q_params = sum(n for _, n, _ in layers)
-    rows = sum(r for _, _, r in layers)
-    q_bytes = weight_bytes(q_params, precision, blocksize, double_quant, rows=rows)
-    fp_params = 0
-    fp_bytes = 0.0
-    seen: set[int] = set()
-    for mname, module in model.named_modules():
-        tensors = [(n, p, True) for n, p in module.named_parameters(recurse=False)]
-        tensors += [(n, b, False) for n, b in module.named_buffers(recurse=False)]
-        for pname, p, is_param in tensors:
-            if id(p) in seen or (mname in q_names and pname == "weight"):
-                continue
-            seen.add(id(p))
-            width = bits_per_param(other_precision) / 8 if other_precision and p.is_floating_point() else p.element_size()
-            fp_params += p.numel() if is_param else 0
-            fp_bytes += p.numel() * width
+    q_bytes = weight_bytes(q_params, precision, blocksize, double_quant, rows=sum(r for _, _, r in layers))
+    rest = _tally_full_precision(model, _Once(), skip={id(_own_weight(modules[n])) for n, _, _ in layers})
+    fp_bytes = float(rest.bytes)
+    if other_precision:
+        fp_bytes += rest.float_elements * bits_per_param(other_precision) / 8 - rest.float_bytes
     return {
         "precision": precision,
         "double_quant": double_quant,
         "quantized_params": q_params,
         "quantized_bytes": q_bytes,
         "bits_per_quantized_weight": 8 * q_bytes / q_params if q_params else 0.0,
-        "full_precision_params": fp_params,
+        "full_precision_params": rest.params,
         "full_precision_bytes": fp_bytes,
         "total_bytes": q_bytes + fp_bytes,
     }

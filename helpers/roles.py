@@ -23,6 +23,7 @@ import inspect
 import re
 import sys
 import textwrap
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported lazily, like the rest of helpers/
@@ -120,22 +121,28 @@ def param_kind(
     return "bias" if param_name == "bias" and kind in ("linear", "other") else kind
 
 
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(full name, module) of every adaptable linear-like layer, in model order, output head excluded.
-
-    Inside a peft model, a wrapper counts as the layer (its base_layer / lora_A / lora_B / saved copies are skipped).
-    """
+def visible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()` with each peft wrapper standing for its layer: what it wraps (base_layer, lora_A,
+    lora_B, saved copies) is skipped. The one place that looks through LoRA wrappers (lora and linear_layers use it)."""
     tuners = tuner_classes()
-    head = head_module(model)
     out, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
         if tuners and isinstance(module, tuners):
             inside.append(name)
-        if name and is_linear_like(module) and base_layer(module) is not head:
-            out.append((name, module))
+        out.append((name, module))
     return out
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(full name, module) of every adaptable linear-like layer, in model order, output head excluded.
+
+    Inside a peft model, a wrapper counts as the layer (`visible_modules`).
+    """
+    head = head_module(model)
+    return [(name, m) for name, m in visible_modules(model)
+            if name and is_linear_like(m) and base_layer(m) is not head]
 
 
 # ---------------------------------------------------------------------------------------------- structure
@@ -230,11 +237,20 @@ def _calls(cls: type, method: str = "forward", depth: int = 0) -> tuple[str, ...
 
 
 def call_order(module: nn.Module, children: list[str]) -> list[str]:
-    """`children` (names relative to `module`) in the order its forward() first calls them; uncalled ones last."""
+    """`children` (names relative to `module`) in the order its forward() first calls them; uncalled ones last.
+
+    Warns when forward() calls none of them (its source cannot be read, or it calls them in a way this parser
+    does not see): the order is then the registration order, which need not be the call order (Phi-3 registers
+    its output projection o_proj before qkv_proj), so the attention output projection may be misidentified.
+    """
     calls = _calls(type(module))
     first = {}
     for i, c in enumerate(calls):
         first.setdefault(c, i)
+    if children and not any(c.split(".")[0] in first for c in children):
+        warnings.warn(f"cannot tell in which order {type(module).__name__}.forward() calls {children} (its source is "
+                      "unreadable or calls none of them as self.<name>(...)); keeping their registration order, so "
+                      "the last one is taken as the attention output projection", stacklevel=2)
     end = len(calls)
     return sorted(children, key=lambda c: first.get(c.split(".")[0], end))  # stable: uncalled keep their order
 

@@ -14,8 +14,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from helpers import env
+
 BEGIN, END = "<!-- measured:begin (scripts/collect_metrics.py writes this table) -->", "<!-- measured:end -->"
-COMMON = ("notebook", "model", "device", "dtype", "smoke", "seed", "seconds", "threads")
+# the common keys of every metrics.json (helpers.env.COMMON_METRICS) but the versions dict, which fits no table cell
+COMMON = tuple(k for k in env.COMMON_METRICS if k != "versions")
 
 
 def load(build: Path) -> dict[str, dict]:

@@ -1,6 +1,7 @@
 """The Colab path, headless: the install cell of every notebook, the install plan, and no cell relying on it."""
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -80,6 +81,8 @@ def test_install_plan_for_a_colab_runtime():
     assert done["install"] == [] and done["restart_for"] == []  # second run after the restart: nothing to do
 
 
+@pytest.mark.skipif(os.environ.get("LATEST") == "1",
+                    reason="LATEST=1: the latest-releases lane installs the newest releases, so the pins are to install")
 def test_colab_setup_dry_run_prints_the_plan():
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "colab_setup.py"), "--dry-run", "--loaded", "numpy"],
                          capture_output=True, text=True, check=True)

@@ -72,12 +72,12 @@ def test_legacy_row(old):
     ("max_seq_length", 16, "SFTConfig"), ("tokenizer", None, "SFTTrainer"), ("max_seq_length", 16, "SFTTrainer"),
     ("dataset_text_field", "text", "SFTTrainer"),
 ])
-def test_old_names_really_fail_today(old, value, kind):
+def test_old_names_really_fail_today(old, value, kind, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     with pytest.raises(TypeError, match=old):
         if kind == "SFTConfig":
-            SFTConfig(output_dir="/tmp/x", report_to="none", **{old: value})
+            SFTConfig(output_dir=str(tmp_path), report_to="none", **{old: value})
         else:
             SFTTrainer(model=None, **{old: value})
 

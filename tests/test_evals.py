@@ -71,6 +71,28 @@ class TableLM(torch.nn.Module):
         return SimpleNamespace(logits=self.dropout(self.table[input_ids]))
 
 
+def wilson_closed_form(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson (1927) score interval written out: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)."""
+    p, z2 = k / n, z * z
+    centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n))
+
+
+def mcnemar_closed_form(a_only: int, b_only: int) -> float:
+    """Exact McNemar: two-sided binomial test of min(a_only, b_only) successes in m = a_only + b_only at p = 1/2."""
+    m = a_only + b_only
+    return min(1.0, 2 * sum(math.comb(m, i) for i in range(min(a_only, b_only) + 1)) / 2**m) if m else 1.0
+
+
+def numpy_percentile_bootstrap(x, iters: int, level: float, seed: int):
+    """The percentile bootstrap by hand: `iters` resamples drawn by numpy's Generator(seed), mean of each, quantiles."""
+    import numpy as np
+
+    reps = np.asarray(x, dtype=float)[np.random.default_rng(seed).integers(0, len(x), size=(iters, len(x)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(reps, alpha)), float(np.quantile(reps, 1 - alpha)), reps
+
+
 ITEMS = [
     {"id": "a", "context": "Question: Which is hot?\nAnswer:", "choices": ["fire", "ice cube"], "gold": 0},
     {"id": "b", "context": "The sky is", "choices": ["blue", "green", "made of cheese"], "gold": 0},
@@ -92,14 +114,14 @@ def test_wilson_interval_hand_computed():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10, 50, 99, 100, 200, 1000])
-def test_wilson_interval_matches_scipy_and_holds_its_own_estimate(n):
+def test_wilson_interval_is_the_closed_form_and_holds_its_own_estimate(n):
     # a perfect (or zero) score must sit inside its own interval: 100/100 once gave an upper bound of 0.9999999999999999
-    scipy_stats = pytest.importorskip("scipy.stats")
     for k in sorted({0, 1, n // 2, n - 1, n} - {-1}):
-        lo, hi = evals.wilson_interval(k, n)
-        ref = scipy_stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert lo == pytest.approx(ref.low, abs=2e-4) and hi == pytest.approx(ref.high, abs=2e-4), (k, n)
-        assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+        for z in (1.96, 2.576):
+            lo, hi = evals.wilson_interval(k, n, z)
+            ref = wilson_closed_form(k, n, z)
+            assert lo == pytest.approx(ref[0], abs=1e-12) and hi == pytest.approx(ref[1], abs=1e-12), (k, n, z)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
     assert evals.wilson_interval(n, n)[1] == 1.0 and evals.wilson_interval(0, n)[0] == 0.0
 
 
@@ -111,8 +133,9 @@ def test_mcnemar_exact_hand_computed():
     assert (r["a_only"], r["b_only"], r["both"], r["neither"]) == (1, 6, 2, 1)
     assert r["p_value"] == pytest.approx(0.125) and r["diff"] == pytest.approx(0.5)
     assert evals.mcnemar_exact([1, 0], [1, 0])["p_value"] == 1.0  # no discordant pairs
-    scipy_stats = pytest.importorskip("scipy.stats")
-    assert r["p_value"] == pytest.approx(scipy_stats.binomtest(1, 7, 0.5).pvalue)
+    for a_only, b_only in [(0, 1), (3, 3), (2, 9), (9, 2), (17, 30), (0, 40)]:  # tails, ties, both directions
+        a, b = [1] * a_only + [0] * b_only + [1, 0], [0] * a_only + [1] * b_only + [1, 0]
+        assert evals.mcnemar_exact(a, b)["p_value"] == pytest.approx(mcnemar_closed_form(a_only, b_only), abs=1e-12)
 
 
 def test_paired_bootstrap_and_bootstrap_interval():
@@ -125,6 +148,23 @@ def test_paired_bootstrap_and_bootstrap_interval():
     assert evals.bootstrap_interval([0.3] * 7) == pytest.approx((0.3, 0.3))
     lo, hi = evals.bootstrap_interval([0, 1] * 50, seed=0)
     assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.05, abs=0.04)  # ≈ ±1.96·sqrt(.25/100)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_bootstrap_resamples_exactly_as_the_numpy_percentile_bootstrap(seed):
+    """Same draws (numpy's Generator seeded with `seed`), same percentile interval and p-value as done by hand."""
+    import numpy as np
+
+    g = np.random.default_rng(100 + seed)
+    values = g.normal(size=37)
+    lo, hi, _ = numpy_percentile_bootstrap(values, 500, 0.9, seed)
+    assert evals.bootstrap_interval(values, iters=500, level=0.9, seed=seed) == pytest.approx((lo, hi), abs=1e-12)
+    a, b = g.integers(0, 2, size=60), g.integers(0, 2, size=60)
+    lo, hi, reps = numpy_percentile_bootstrap(b - a, 2000, 0.95, seed)
+    res = evals.paired_bootstrap(a, b, seed=seed)
+    assert res["ci"] == pytest.approx((lo, hi), abs=1e-12) and res["diff"] == pytest.approx((b - a).mean())
+    side = reps <= 0 if (b - a).mean() > 0 else reps >= 0  # resampled differences on the other side of 0
+    assert res["p_value"] == pytest.approx(min(1.0, 2 * side.mean()))
 
 
 def test_mc_decision_and_chance_rate():
@@ -255,9 +295,12 @@ def test_score_mc_equals_hand_computed_bigram_logprobs(tok):
         for choice, ll in zip(item["choices"], row["lls"], strict=True):
             ctx, cont = evals.encode_pair(tok, item["context"], " " + choice)
             assert ll == pytest.approx(bigram_logprob(model.W, ctx + cont, len(ctx)), abs=1e-5)
-        assert (row["pred"], row["pred_norm"]) == evals.mc_decision(row["lls"], item["choices"])
-    k = sum(r["correct"] for r in res["per_item"])
-    assert res["acc"] == k / 2 and res["acc_ci"] == evals.wilson_interval(k, 2)
+        # lm-eval's decisions: argmax of the sums (acc), and of the sums over the choice's length in characters (acc_norm)
+        lls = torch.tensor(row["lls"], dtype=torch.float64)
+        lengths = torch.tensor([len(c) for c in item["choices"]], dtype=torch.float64)
+        assert (row["pred"], row["pred_norm"]) == (int(lls.argmax()), int((lls / lengths).argmax()))
+    k = sum(r["gold"] == r["pred"] for r in res["per_item"])
+    assert res["acc"] == k / 2 and res["acc_ci"] == pytest.approx(wilson_closed_form(k, 2), abs=1e-12)
     assert res["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2)
 
 
@@ -290,8 +333,9 @@ def test_a_model_that_prefers_the_gold_answer_scores_one(tok):
 
 
 def test_shared_inputs_are_computed_once_and_give_the_same_numbers(tok, tiny_phi):
-    # " A".." D" after the same context: one forward pass for all four (same input), same sums as one by one
-    reqs = [("Q: 2+2?\nAnswer:", f" {c}") for c in "ABCD"]
+    # " 1".." 4" (one token each in this tokenizer, like MMLU's " A".." D" in Phi-2's) after the same context: one
+    # forward pass for all four (same input), same sums as one by one
+    reqs = [("Q: 2+2?\nAnswer:", f" {c}") for c in "1234"]
     calls = []
     hook = tiny_phi.register_forward_hook(lambda m, a, k: calls.append(1))
     try:
@@ -300,11 +344,23 @@ def test_shared_inputs_are_computed_once_and_give_the_same_numbers(tok, tiny_phi
         single = [evals.continuation_logprobs(tiny_phi, tok, [r], batch_size=1)[0] for r in reqs]
     finally:
         hook.remove()
-    if all(len(evals.encode_pair(tok, c, x)[1]) == 1 for c, x in reqs):
-        assert n_grouped == 1
+    assert [len(evals.encode_pair(tok, c, x)[1]) for c, x in reqs] == [1] * 4  # one token each: one shared input
+    assert n_grouped == 1
     for (a, ga), (b, gb) in zip(grouped, single, strict=True):
         assert a == pytest.approx(b, abs=1e-5) and ga == gb
     assert sum(g for _, g in grouped) <= 1  # at most one of four different tokens can be the argmax
+
+
+def test_generate_leaves_the_tokenizer_as_it_was(tok, tiny_phi):
+    import copy
+
+    mine = copy.deepcopy(tok)
+    assert mine.pad_token is None and mine.padding_side == "right"  # like Phi-2's tokenizer: no pad token
+    out = evals.generate(tiny_phi, mine, ["Is fire hot?", "Which is the colder of ice and fire?"], max_new_tokens=3)
+    assert len(out) == 2 and mine.pad_token is None and mine.padding_side == "right"  # padded left, put back
+    with pytest.raises(ValueError):  # an error inside generation puts them back too
+        evals.generate(tiny_phi, mine, ["Is fire hot?"], max_new_tokens=3, not_a_generate_argument=1)
+    assert mine.pad_token is None and mine.padding_side == "right"
 
 
 def test_score_mc_leaves_training_mode_as_it_was(tok, tiny_phi):

@@ -161,6 +161,33 @@ def test_last_complete_checkpoint_skips_what_a_kill_cut_short(tmp_path):
         launch.resolve_resume(cfg, str(root / "checkpoint-12"))
 
 
+def test_signal_handlers_are_put_back_whatever_fails(monkeypatch, tmp_path):
+    """GracefulStop's handlers are in place while training runs and the previous ones come back afterwards, also
+    when loading the model or training raises."""
+    signals = (signal.SIGTERM, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in signals}
+    args = ["--config", RECIPE, "--resume", "never", "--set", f"output_dir={tmp_path}"]
+    during = []
+
+    def failing_train(cfg, model=None, callbacks=(), extra_metrics=None):
+        during.append({s: signal.getsignal(s) for s in signals})
+        raise RuntimeError("training failed")
+
+    def failing_load(cfg, launch_opts, launch_):
+        raise OSError("no such model")
+
+    monkeypatch.setattr(train, "train", failing_train)
+    monkeypatch.setattr(launch, "load_model_for_launch", lambda cfg, launch_opts, launch_: None)
+    with pytest.raises(RuntimeError, match="training failed"):
+        launch.main(args)
+    assert len(during) == 1 and all(during[0][s] != before[s] for s in signals)  # caught while training ran
+    assert {s: signal.getsignal(s) for s in signals} == before
+    monkeypatch.setattr(launch, "load_model_for_launch", failing_load)
+    with pytest.raises(OSError, match="no such model"):
+        launch.main(args)
+    assert {s: signal.getsignal(s) for s in signals} == before and len(during) == 1
+
+
 def test_launcher_guard_reads_accelerates_single_process_signature():
     launch.check_launcher({})  # plain python: fine
     launch.check_launcher({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2", "ACCELERATE_USE_CPU": "False"})  # torchrun

@@ -214,15 +214,17 @@ def test_matching_agrees_with_peft():
     rng = random.Random(0)
     pool = ["q_proj", "k_proj", "dense", "fc1", "fc2", "mlp.fc1", "0.mlp.fc2", "self_attn.v_proj", "lm_head",
             "embed_tokens", "proj", "_proj", "layers.1.self_attn.q_proj"]
-    for _ in range(8):
-        targets = rng.sample(pool, 3)
+    cases = [rng.sample(pool, 3) for _ in range(8)] + [["proj", "_proj"]]  # the last: suffixes of names, not names
+    for targets in cases:  # every case is compared: when nothing matches, peft must refuse to build
         model = build("phi")
-        ours = lora.matched_modules(model, targets)
-        if not ours:
-            continue
-        pm = peft_model(model, targets)
-        wrapped = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, BaseTunerLayer)]
-        assert ours == wrapped, targets
+        try:
+            pm = peft_model(model, targets)
+        except ValueError as err:  # peft's NoMatchingPeftModuleError
+            assert "not found" in str(err), err
+            wrapped = []
+        else:
+            wrapped = [n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, BaseTunerLayer)]
+        assert lora.matched_modules(build("phi"), targets) == wrapped, targets
 
 
 # ------------------------------------------------------------------------------------------ summary

@@ -1,18 +1,31 @@
 """helpers.memory: the training-memory planner (exact parts, scaling, the Phi-2 T4 case) and the per-rank split."""
 
 import pytest
+import torch
 
-from helpers import lora, memory
+from helpers import memory
 
 
-def test_estimate_memory_exact_parts(tiny):
+def test_estimate_memory_parts_are_what_a_real_lora_model_holds(tiny):
+    """Oracle: the bytes real objects hold — the model's parameters, peft's LoRA tensors, their gradients after a
+    backward pass, and torch.optim.AdamW's state after one step (exp_avg + exp_avg_sq; the step counter aside)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     model, _ = tiny
-    n = sum(p.numel() for p in model.parameters())
-    n_lora = lora.expected_lora_params(model, "all-linear", 8)
     est = memory.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0)
-    assert est.parts["weights"] == n * 4
-    assert est.parts["lora_params"] == est.parts["gradients"] == n_lora * 4
-    assert est.parts["optimizer_state"] == n_lora * 8
+    assert est.parts["weights"] == sum(p.nbytes for p in model.parameters())  # a tied weight is yielded once
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert est.parts["lora_params"] == sum(p.nbytes for p in trainable) > 0
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert est.parts["gradients"] == sum(p.grad.nbytes for p in trainable)
+    opt = torch.optim.AdamW(trainable)
+    opt.step()
+    assert est.parts["optimizer_state"] == sum(t.nbytes for st in opt.state.values() for k, t in st.items() if k != "step")
     ckpt = memory.estimate_memory(model, dtype="float32", lora_r=8, batch_size=2, seq_len=64, lora_dropout=0.0,
                                  activation_checkpointing=True)
     assert ckpt.parts["activations"] < est.parts["activations"]
@@ -66,7 +79,16 @@ def test_lm_head_working_set_follows_trls_fused_head():
     cpu = memory.lm_head_bytes(576, 49152, batch_size=4, seq_len=86, dtype="float32", device="cpu")
     assert 340 < cpu / 2**20 < 360
     gpu = memory.lm_head_bytes(576, 49152, batch_size=4, seq_len=86, dtype="bfloat16", device="cuda")
-    assert gpu == 340 * 32768 * 2 + 340 * 576 * 6 and gpu < cpu / 4
+    # oracle: the tensors TRL's backward (ChunkedLogprob.backward in trl/kernels/chunked_logprob.py) allocates, with
+    # TRL's own tile sizes: the projection buffer mm_buf, the fp32 grad_hidden and the bf16 copy of the hidden states
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    tokens = 4 * (86 - 1)  # next-token labels: every position but the last
+    mm_buf = torch.empty((min(tokens, TOKEN_CHUNK_SIZE), _CHUNKED_LOGPROB_CHUNK_SIZE), dtype=torch.bfloat16, device="meta")
+    grad_hidden = torch.empty((tokens, 576), dtype=torch.float32, device="meta")
+    hidden_chunk = torch.empty((tokens, 576), dtype=torch.bfloat16, device="meta")
+    assert gpu == mm_buf.nbytes + grad_hidden.nbytes + hidden_chunk.nbytes and gpu < cpu / 4
     tiny_vocab = memory.lm_head_bytes(160, 512, batch_size=2, seq_len=177, device="cpu")  # tiles as wide as the vocab
     assert tiny_vocab < 8 * 2**20
 

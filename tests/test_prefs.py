@@ -164,14 +164,20 @@ def test_dpo_config_cpu_defaults_and_tiny_phi_training(tmp_path):
 
 
 def test_sample_answers_seeded_and_wrong_answers_filter():
+    import torch
+
     from helpers import models
 
     tok = models.load_tokenizer("tiny-phi")
     model = models.load_model("tiny-phi", dtype="float32")
     prompts = [data.format_prompt(data.split_record(r)[0], tok) for r in TRAIN[:3]]
+    torch.manual_seed(123)
+    caller_state = torch.random.get_rng_state()
     a = prefs.sample_answers(model, tok, prompts, n_samples=2, max_new_tokens=6, batch_size=2, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), caller_state)  # the caller's random stream is left as it was
     b = prefs.sample_answers(model, tok, prompts, n_samples=2, max_new_tokens=6, batch_size=2, seed=1)
     assert a == b and len(a) == 3 and all(len(s) == 2 for s in a)                       # seeded, grouped per prompt
+    assert prefs.sample_answers(model, tok, prompts, n_samples=2, max_new_tokens=6, batch_size=2, seed=2) != a
     ans = answer_of(TRAIN[0])
     kept = prefs.wrong_answers([ans, " ", "oops", "oops", "Sure: " + ans, ans.replace("null", "\"07:00\"", 1)], ans)
     assert kept == ["oops", ans.replace("null", "\"07:00\"", 1)]

@@ -48,9 +48,14 @@ def test_bits_per_param_by_format():
         quant.bits_per_param("int3")
 
 
-def test_weight_bytes_int8_adds_row_scales():
+def test_weight_bytes_int8_adds_row_scales_and_the_rest_stays_in_keep():
     assert quant.weight_bytes(1000, "int8", rows=10) == 1000 + 40
     assert quant.weight_bytes(6400, "nf4") == 6400 * 4.5 / 8
+    # 640 of 1000 weights in NF4 (4.5 bits), the other 360 in fp16 (2 bytes); a 16-bit format ignores `quantized`
+    assert quant.weight_bytes(1000, "nf4", quantized=640, keep="fp16") == 640 * 4.5 / 8 + 360 * 2
+    assert quant.weight_bytes(1000, "bf16", quantized=640, keep="fp32") == 2000
+    with pytest.raises(ValueError, match="between 0 and n_params"):
+        quant.weight_bytes(10, "nf4", quantized=11)
 
 
 def test_bnb_config_and_validation():
@@ -87,6 +92,29 @@ def test_theoretical_bytes_on_meta_skeleton():
     with torch.device("meta"):
         model = tiny_llama()
     assert quant.theoretical_bytes(model, "nf4")["quantized_params"] == Q_WEIGHTS
+
+
+def test_quantizable_linears_rule_for_plain_modules_and_no_swallowed_errors(monkeypatch):
+    from torch import nn
+
+    class Plain(nn.Module):  # not a transformers model: every Linear but the output head
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.out = nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 16)
+
+        def get_output_embeddings(self):
+            return self.out
+
+    assert quant.quantizable_linears(Plain()) == [("up", 32, 8), ("down", 32, 4)]
+    # a transformers model whose rule fails raises: no silent switch to another rule (and another count)
+    import transformers.quantizers.base
+
+    def broken(model):
+        raise RuntimeError("get_keys_to_not_convert failed")
+
+    monkeypatch.setattr(transformers.quantizers.base, "get_keys_to_not_convert", broken)
+    with pytest.raises(RuntimeError, match="get_keys_to_not_convert failed"):
+        quant.quantizable_linears(tiny_llama())
 
 
 def test_full_precision_model_has_nothing_quantized():

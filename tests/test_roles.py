@@ -205,6 +205,34 @@ def test_no_module_list_falls_back_to_the_attention_parent():
                                          "self_attn.v": "attention_in", "self_attn.o": "attention_out", "up": "mlp"}
 
 
+def test_call_order_warns_when_forward_cannot_be_read():
+    """Phi-3 registers o_proj before qkv_proj: where forward()'s source is unreadable the registration order is all
+    there is, and the helper says so instead of silently taking qkv_proj as the output projection."""
+    import warnings
+
+    def attention_class(source: str | None) -> type:
+        class Attn(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.o_proj, self.qkv_proj = nn.Linear(8, 8), nn.Linear(8, 24)  # Phi-3's registration order
+
+            def forward(self, x):
+                return self.o_proj(self.qkv_proj(x)[..., :8])
+
+        if source is not None:  # a forward compiled from a string: inspect.getsource raises OSError for it
+            scope: dict = {}
+            exec(source, scope)
+            Attn.forward = scope["forward"]
+        return Attn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a readable forward: the call order, and no warning
+        assert roles.call_order(attention_class(None)(), ["o_proj", "qkv_proj"]) == ["qkv_proj", "o_proj"]
+    unreadable = attention_class("def forward(self, x):\n    return self.o_proj(self.qkv_proj(x)[..., :8])\n")()
+    with pytest.warns(UserWarning, match="registration order"):
+        assert roles.call_order(unreadable, ["o_proj", "qkv_proj"]) == ["o_proj", "qkv_proj"]
+
+
 def test_module_and_param_kinds():
     model = build("phi")  # biased Linears, LayerNorms, a biased head
     head, emb = roles.head_module(model), roles.embedding_module(model)

@@ -85,9 +85,11 @@ def test_report_to_is_none_by_default_selectable_and_checked(tmp_path, monkeypat
 @pytest.mark.slow
 def test_labels_mask_prompt_and_keep_eos(tmp_path, tiny):
     model, tok = tiny
-    assert tok.pad_token is None or tok.pad_token == tok.eos_token
+    pad_before = tok.pad_token
+    assert pad_before is None or pad_before == tok.eos_token
     trainer = train.build_trainer(cfg_for(tmp_path), model, tok, task_ds(8))
-    assert tok.pad_token == tok.eos_token  # Phi-style tokenizer: pad = eos
+    assert tok.pad_token == pad_before  # the caller's tokenizer is left as it was: the trainer pads with its own copy
+    assert trainer.processing_class.pad_token == tok.eos_token  # Phi-style tokenizer: pad = eos
     row = trainer.train_dataset[0]
     ids, labels = row["input_ids"], row["labels"]
     n_prompt = next(i for i, lab in enumerate(labels) if lab != -100)
@@ -104,7 +106,7 @@ def test_labels_mask_prompt_and_keep_eos(tmp_path, tiny):
     # the old way (transformers' LM collator, labels = ids with pad → -100) masks EOS when pad = eos
     from transformers import DataCollatorForLanguageModeling
 
-    old = DataCollatorForLanguageModeling(tok, mlm=False)([{"input_ids": ids}])
+    old = DataCollatorForLanguageModeling(trainer.processing_class, mlm=False)([{"input_ids": ids}])
     assert old["labels"][0, -1].item() == -100
 
 
