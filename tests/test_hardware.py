@@ -132,7 +132,8 @@ def test_recipes_pick_what_the_helpers_pick(kind, simulate):
     simulate(kind)
     for nb, expr in recipe_dtype_expressions():
         got = eval(expr, {"torch": torch})  # noqa: S307 - the notebook's own expression, on the simulated machine
-        assert got == env.choose_device().dtype, f"{nb} on {kind}: {expr} → {got}, helpers → {expected(kind)}"
+        name = str(got).removeprefix("torch.")  # a torch dtype, or its name (lm-eval's model_args take the name)
+        assert name == env.choose_device().dtype_name, f"{nb} on {kind}: {expr} → {got}, helpers → {expected(kind)}"
 
 
 # ------------------------------------------------------------------------------------------ bitsandbytes on CPU
