@@ -1,7 +1,8 @@
 """The notebook gate of `make lint`: committed notebooks are clean and follow the course's conventions.
 
-Fails if a notebook has outputs, execution counts or widget state; not exactly one `parameters` cell;
-a parameters cell that is not plain literal assignments; no `checks` cell with an assert; a bad name.
+Fails if a notebook is not stripped (outputs, execution counts, metadata: strip_notebooks.py); not exactly one `parameters` cell;
+a parameters cell that is not plain literal assignments; no `checks` cell with an assert; a bad name; a recipe
+cell that could not run alone (read without running it: scripts/run_recipes.py `analyse`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ import json
 import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_recipes  # noqa: E402
+import strip_notebooks  # noqa: E402
 
 NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
 SHARED_PARAMS = ("SMOKE", "SEED", "OUTPUT_DIR")
@@ -36,13 +41,8 @@ def problems(path: Path) -> list[str]:
         out.append("name must look like NN_snake_topic.ipynb")
     nb = json.loads(path.read_text())
     cells = nb.get("cells", [])
-    if "widgets" in nb.get("metadata", {}):
-        out.append("notebook metadata carries widget state (make strip)")
-    for i, cell in enumerate(cells):
-        if cell.get("cell_type") != "code":
-            continue
-        if cell.get("outputs") or cell.get("execution_count") is not None:
-            out.append(f"cell {i} has outputs or an execution count (make strip)")
+    if len(set(strip_notebooks.stripped(path))) == 2:
+        out.append("carries outputs, execution counts or Jupyter/papermill metadata: run make strip")
     tagged = lambda tag: [c for c in cells if tag in c.get("metadata", {}).get("tags", [])]  # noqa: E731
     params = tagged("parameters")
     if len(params) != 1:
@@ -67,10 +67,13 @@ def problems(path: Path) -> list[str]:
         src = "".join(cell["source"])
         if not src.startswith("# recipe"):
             out.append(f"recipe cell {i} must start with a '# recipe · what it does' comment")
-        if re.search(r"^\s*(from|import)\s+helpers\b", src, re.M):
-            out.append(f"recipe cell {i} imports helpers: a recipe uses only the pinned libraries")
     if tagged("recipe") and not meta.get("recipe_inputs", {}).get("SMOKE"):
         out.append('recipe cells need "recipe_inputs" (with "SMOKE": true) in the slm_course metadata')
+    if tagged("recipe"):
+        try:
+            out += run_recipes.analyse(path)[0]
+        except SyntaxError as err:
+            out.append(f"a code cell does not parse: {err}")
     if len(tagged("colab")) != 1:
         out.append("needs exactly one cell tagged 'colab' (the Colab install cell)")
     if not isinstance(meta.get("artefacts"), list) or not isinstance(meta.get("timeout"), int):

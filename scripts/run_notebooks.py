@@ -76,11 +76,14 @@ def clock(seconds: float) -> str:
 
 
 def run_notebook(path: Path, out: Path, extra: list[str] = (), timeout: float | None = None,
-                 env_extra: dict[str, str] | None = None, progress: Callable[[str], None] | None = None) -> Result:
+                 env_extra: dict[str, str] | None = None, progress: Callable[[str], None] | None = None,
+                 cell_timeout: int | None = None, cpus: set[int] | None = None) -> Result:
     """Run one notebook with papermill in a subprocess (killed after `timeout` s); return its Result.
 
-    With `progress`, each code cell is announced as it starts ("[04_sft_training +1m05s] cell 12/40 · trainer.train()"),
-    from papermill's own cell log, so a long run is never silent.
+    `cell_timeout`: papermill's own --execution-timeout, seconds any one cell may run (a stalled download stops
+    there, with the notebook saved up to that cell). `cpus`: the cores it may use (its kernel counts them as the
+    machine's: one thread per core). With `progress`, each code cell is announced as it starts
+    ("[04_sft_training +1m05s] cell 12/40 · trainer.train()"), from papermill's own cell log.
     """
     stem = path.stem
     target = out / stem / f"{stem}.ipynb"
@@ -91,12 +94,15 @@ def run_notebook(path: Path, out: Path, extra: list[str] = (), timeout: float | 
            "--cwd", str(path.parent), "--no-progress-bar", "--log-output", "--log-level", "INFO",
            # progress comes from the cell log; saving the whole notebook after every cell cost ~0.1 s a cell
            # (long cells are still saved every 30 s by papermill's autosave)
-           "--no-request-save-on-cell-execute", *extra]
+           "--no-request-save-on-cell-execute", *(["--execution-timeout", str(cell_timeout)] if cell_timeout else []),
+           *extra]
     labels = cell_labels(path, any(a in PARAM_FLAGS for a in extra))
     tail: deque[str] = deque(maxlen=300)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", bufsize=1, start_new_session=True)
+    if cpus:  # set before papermill starts the kernel (its startup takes longer): the kernel inherits it
+        os.sched_setaffinity(proc.pid, cpus)
     timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL)) if timeout else None
     if timer:
         timer.start()
@@ -117,20 +123,26 @@ def run_notebook(path: Path, out: Path, extra: list[str] = (), timeout: float | 
         for line in proc.stdout:
             tail.append(line.rstrip("\n"))
             m = CELL_RE.search(line)
-            if m and progress:
+            if m:
                 i = int(m.group(1)) - 1
                 label = labels[i] if i < len(labels) else ""
                 if label:
                     current.update(cell=i + 1, since=time.perf_counter(), said=time.perf_counter())
-                    progress(f"  [{stem} +{clock(time.perf_counter() - t0)}] cell {i + 1}/{len(labels)} · {label}")
+                    if progress:
+                        progress(f"  [{stem} +{clock(time.perf_counter() - t0)}] cell {i + 1}/{len(labels)} · {label}")
         rc = proc.wait()
     finally:
         done.set()
         if timer:
             timer.cancel()
     seconds = time.perf_counter() - t0
+    where = f"cell {current['cell']}/{len(labels)} · {labels[current['cell'] - 1]}" if current["cell"] else "startup"
     if timeout and seconds >= timeout and rc != 0:
-        return Result(path.name, "timeout", seconds, target, f"killed after {timeout:.0f} s\n" + "\n".join(list(tail)[-40:]))
+        return Result(path.name, "timeout", seconds, target,
+                      f"killed after {timeout:.0f} s, in {where}\n" + "\n".join(list(tail)[-40:]))
+    if cell_timeout and rc != 0 and any("CellTimeoutError" in line for line in tail):
+        return Result(path.name, "timeout", seconds, target,
+                      f"{where} ran past {cell_timeout} s, the limit for one cell\n" + "\n".join(list(tail)[-20:]))
     status = "ok" if rc == 0 else "failed"
     detail = "" if status == "ok" else "\n".join(list(tail)[-80:])[-6000:]
     return Result(path.name, status, seconds, target, detail)
@@ -145,6 +157,33 @@ def notebook_seconds(res: Result) -> float | None:
         return None
 
 
+def hub_or_offline(wait: float = 3.0) -> str:
+    """Set HF_HUB_OFFLINE=1 for the notebooks unless the model hub answers within `wait` s; say which.
+
+    The check runs in a thread that is abandoned after `wait` s: a socket timeout does not bound the DNS lookup
+    before it, and a stalled lookup is what would otherwise hang a notebook's first hub call.
+    """
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']} (set by you): the notebooks use the offline models only"
+    from helpers import env
+
+    answer: list[bool] = []
+    probe = threading.Thread(target=lambda: answer.append(env.hub_reachable(timeout=wait)), daemon=True)
+    probe.start()
+    probe.join(wait + 0.5)
+    if answer and answer[0]:
+        return "the model hub answers: MODEL=\"auto\" may pick a hub model and download it"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return (f"the model hub did not answer within {wait:.0f} s: running with HF_HUB_OFFLINE=1, so no notebook waits "
+            "on a DNS lookup or a download (the offline models from `make prepare` are used)")
+
+
+def cell_limit(path: Path, factor: float) -> int | None:
+    """Seconds one cell may run in a `make run`: `factor` × the notebook's smoke budget (slm_course.timeout)."""
+    budget = json.loads(path.read_text())["metadata"].get("slm_course", {}).get("timeout")
+    return int(factor * budget) if factor and budget else None
+
+
 def main(argv: list[str]) -> int:
     """CLI: run the selected notebooks with per-cell progress, print a summary with the total, exit 1 on any failure."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +192,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--smoke", action="store_true", help="pass SMOKE=True (the tests' profile)")
     ap.add_argument("--quiet", action="store_true", help="no per-cell progress lines")
     ap.add_argument("--timeout", type=float, default=0, help="seconds allowed per notebook (0: no limit)")
+    ap.add_argument("--cell-timeout-factor", type=float, default=0,
+                    help="one cell may run this many times the notebook's slm_course.timeout (its smoke budget) "
+                         "before papermill stops it (0: no limit; make run uses 3)")
     args, extra = ap.parse_known_args(argv)
     if args.smoke:
         extra = ["-p", "SMOKE", "True", *extra]
@@ -161,16 +203,22 @@ def main(argv: list[str]) -> int:
     if not selected:
         print(f"no notebook matches {args.only!r}")
         return 2
+    print(hub_or_offline(), flush=True)
     results = []
     t_all = time.perf_counter()
     for k, path in enumerate(selected, 1):
         print(f"[{k}/{len(selected)}] running {path.name} (total so far {clock(time.perf_counter() - t_all)}) ...", flush=True)
-        res = run_notebook(path, out, extra, timeout=args.timeout or None,
+        limit = cell_limit(path, args.cell_timeout_factor)
+        res = run_notebook(path, out, extra, timeout=args.timeout or None, cell_timeout=limit,
                            progress=None if args.quiet else (lambda msg: print(msg, flush=True)))
         results.append(res)
         print(f"  {res.status:7s} {res.seconds:7.1f} s  {path.name} → {res.output}", flush=True)
         if res.status != "ok":
             print(res.detail, flush=True)
+        if res.status == "timeout" and limit:
+            print(f"  TIMEOUT: {path.name}: {res.detail.splitlines()[0]} ({args.cell_timeout_factor:g} × its "
+                  f"slm_course.timeout). A stalled download, or a much slower machine: allow more with "
+                  f"make run TIMEOUT_FACTOR=6, or none with TIMEOUT_FACTOR=0.", flush=True)
     total = time.perf_counter() - t_all
     summary = {"total_seconds": round(total, 1), "all_ok": all(r.status == "ok" for r in results),
                "notebooks": [{"notebook": r.notebook, "status": r.status, "seconds": round(r.seconds, 1),

@@ -270,6 +270,7 @@ def test_peft_default_for_phi_omits_k_proj_and_dense():
 
 
 # ------------------------------------------------------------------------------------------ gradients
+@pytest.mark.slow
 def test_gradients_fresh_and_after_a_step():
     pm = peft_model(build("llama"), "all-linear")
     report = lora.check_lora_gradients(pm, batch())
@@ -324,6 +325,7 @@ def test_gradients_catch_bitsandbytes_cpu_eval_bug(tmp_path):
             assert lora.check_lora_gradients(pm, batch())["zero"] == []
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_loss():
     pm = peft_model(build("llama"), "all-linear", r=8)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)

@@ -2,27 +2,44 @@
 
 New notebooks are picked up automatically. Each declares in its metadata the artefacts it must write under
 its output folder and a timeout: "slm_course": {"artefacts": [...], "timeout": seconds}.
-Executed copies land in build/smoke/<stem>/ for inspection. They run in order (05 reads 04's adapter).
+Executed copies land in build/smoke/<stem>/ for inspection. Each notebook runs once per session (conftest.py's
+`smoke_runs`); 05, 07 and 08 are given the adapter this session's 04 run wrote. The selected runs are all queued
+when this module starts and run two at a time, one core each (conftest.py's `Lanes`); the tests wait for theirs.
 """
 
 import json
-import os
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import LANES, OFFLINE, ROOT, SMOKE_OUT, TOKEN, notebook_meta, selected_params
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from run_notebooks import notebooks, run_notebook  # noqa: E402
 
-SMOKE_OUT = ROOT / "build" / "smoke"
-# `make test` never contacts a model hub; `make test-gpu` sets SLM_COURSE_ALLOW_HUB=1 so MODEL="auto" can pick Phi-2.
-OFFLINE = {} if os.environ.get("SLM_COURSE_ALLOW_HUB") == "1" else {
-    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-# Offline, a fake token (never sent anywhere) proves no notebook prints it; on the GPU lane, the real one if set.
-TOKEN = os.environ.get("HF_TOKEN", "") if not OFFLINE else "hf_smokeTestSecretThatMustNeverBePrinted"
+SECOND_ARCHITECTURE = ["03_lora_target_modules", "04_sft_training"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def queued_runs(request, smoke_runs, tmp_path_factory):
+    """Queue every selected run, longest budget first; at the end wait for all (none outlives this module)."""
+    paths = sorted(selected_params(request, "path"), key=lambda p: -notebook_meta(p)["timeout"])
+    stems = selected_params(request, "stem")
+    folder = request.getfixturevalue("tiny_qwen2") if stems else None
+    for path in paths[:1]:
+        smoke_runs.start(path)
+    for stem in stems:
+        path, out = ROOT / "notebooks" / f"{stem}.ipynb", tmp_path_factory.mktemp(stem) / "smoke"
+
+        def job(cpus, path=path, out=out):  # a smoke run writes under a folder named "smoke"
+            return out, run_notebook(path, out, ["-p", "SMOKE", "True", "-p", "MODEL", str(folder)], cpus=cpus,
+                                     timeout=notebook_meta(path)["timeout"], env_extra={**OFFLINE, "HF_TOKEN": TOKEN})
+
+        LANES.submit(("second architecture", stem), job)
+    for path in paths[1:]:
+        smoke_runs.start(path)
+    yield
+    LANES.wait_all()
 
 
 def test_there_are_notebooks():
@@ -31,14 +48,16 @@ def test_there_are_notebooks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.stem)
-def test_notebook_smoke(path):
-    meta = json.loads(path.read_text())["metadata"]["slm_course"]
-    res = run_notebook(path, SMOKE_OUT, ["-p", "SMOKE", "True"], timeout=meta["timeout"], env_extra={**OFFLINE, "HF_TOKEN": TOKEN})
+def test_notebook_smoke(path, smoke_runs):
+    meta = notebook_meta(path)
+    res = smoke_runs.run(path)
     assert res.status == "ok", f"{path.name} {res.status} after {res.seconds:.0f} s:\n{res.detail}"
     nb = nbformat.read(res.output, as_version=4)
     checks = [c for c in nb.cells if "checks" in c.metadata.get("tags", [])]
     assert len(checks) == 1 and checks[0].execution_count is not None, "the Checks cell did not run"
     assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    recipes = [c for c in nb.cells if "recipe" in c.metadata.get("tags", [])]
+    assert all(c.execution_count is not None for c in recipes), "a recipe cell did not run"  # test_recipes relies on it
     out_dir = SMOKE_OUT / path.stem
     missing = [a for a in meta["artefacts"] if not (out_dir / a).exists()]
     assert not missing, f"{path.name} did not write {missing} under {out_dir}"
@@ -52,7 +71,8 @@ def test_notebook_smoke(path):
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
-    """A second architecture built from a config: Qwen2 (GQA, biased q/k/v, untied head), SmolLM2's tokenizer."""
+    """A second architecture built from a config: Qwen2 (GQA, biased q/k/v, untied head) with SmolLM2's vocabulary
+    but a pad token of its own (`<|endoftext|>`, id 0; SmolLM2 pads with EOS), as Gemma's tokenizer has."""
     import torch
     import transformers as tf
 
@@ -60,23 +80,24 @@ def tiny_qwen2(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-qwen2")
     tok = tf.AutoTokenizer.from_pretrained(models.model_path("smollm2-135m"))
+    tok.pad_token = "<|endoftext|>"
+    assert tok.pad_token_id == 0 and tok.pad_token_id != tok.eos_token_id  # what the course's own models lack
     torch.manual_seed(0)
     cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
     tf.Qwen2ForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem", ["03_lora_target_modules", "04_sft_training"])
-def test_notebook_smoke_on_a_second_architecture(stem, tiny_qwen2, tmp_path):
-    """The recipes hold beyond the course's models: the smoke runs pass with MODEL = a tiny Qwen2 folder."""
-    path = ROOT / "notebooks" / f"{stem}.ipynb"
-    meta = json.loads(path.read_text())["metadata"]["slm_course"]
-    res = run_notebook(path, tmp_path, ["-p", "SMOKE", "True", "-p", "MODEL", str(tiny_qwen2)],
-                       timeout=meta["timeout"], env_extra={**OFFLINE, "HF_TOKEN": TOKEN})
-    assert res.status == "ok", f"{path.name} on Qwen2 {res.status} after {res.seconds:.0f} s:\n{res.detail}"
-    metrics = json.loads((tmp_path / stem / "metrics.json").read_text())
+@pytest.mark.parametrize("stem", SECOND_ARCHITECTURE)
+def test_notebook_smoke_on_a_second_architecture(stem, tiny_qwen2):
+    """The recipes hold beyond the course's models: the smoke runs pass with MODEL = a tiny Qwen2 folder whose
+    tokenizer pads with its own token (04's label-mask check then sees pad != EOS)."""
+    out, res = LANES.jobs[("second architecture", stem)].result()
+    assert res.status == "ok", f"{stem} on Qwen2 {res.status} after {res.seconds:.0f} s:\n{res.detail}"
+    metrics = json.loads((out / stem / "metrics.json").read_text())
     assert str(tiny_qwen2) in json.dumps(metrics["model"])

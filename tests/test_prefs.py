@@ -113,6 +113,7 @@ def test_heldout_prompt_is_rejected(tmp_path):
     assert (err.value.row, err.value.field) == (4, "prompt")
 
 
+@pytest.mark.slow
 def test_dpo_config_cpu_defaults_and_tiny_phi_training(tmp_path):
     import torch
     from datasets import Dataset

@@ -5,12 +5,12 @@ command line does."""
 import hashlib
 import json
 import math
-import os
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import LANES
 
 from helpers import env, launch, train
 
@@ -56,43 +56,57 @@ def test_smoke_runs_have_their_own_folder(tmp_path, monkeypatch):
     assert env.output_dir(str(tmp_path / "abs"), "04_sft_training") == tmp_path / "abs"
 
 
-@pytest.fixture(scope="module")
-def earlier_run(tmp_path_factory):
-    """An earlier run's output folder: adapter/ and checkpoints/ written by the command line (the smoke recipe)."""
-    out = tmp_path_factory.mktemp("run04")
-    res = subprocess.run([sys.executable, "-m", "helpers.launch", "--config", "configs/sft_smoke_tinyphi.yaml",
-                          "--set", f"output_dir={out}", "eval_samples=0"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, **OFFLINE}, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+def earlier_run(smoke_runs, tmp_path_factory, name: str) -> Path:
+    """A copy of this session's notebook 04 smoke output (adapter/ and checkpoints/): an earlier run's folder."""
+    out = tmp_path_factory.mktemp(name) / "run04"
+    shutil.copytree(smoke_runs.adapter("04_sft_training").parent, out,
+                    ignore=shutil.ignore_patterns("*.ipynb", "previous", ".datasets_cache"))
     assert (out / "adapter" / "adapter_model.safetensors").exists() and launch.last_complete_checkpoint(out)
     return out
 
 
 def run04(out: Path, *params: str):
-    meta = json.loads(NB04.read_text())["metadata"]["slm_course"]
+    """Notebook 04 in smoke mode into `out`, with `params` ("NAME=value"), queued on a test lane."""
     flags = ["-p", "SMOKE", "True", "-p", "OUTPUT_DIR", str(out)]
     for p in params:
         flags += ["-p", *p.split("=", 1)]
-    return run_notebook(NB04, out.parent / f"{out.name}-nb", flags, timeout=meta["timeout"], env_extra=OFFLINE)
+    timeout = json.loads(NB04.read_text())["metadata"]["slm_course"]["timeout"]
+    job = lambda cpus: run_notebook(NB04, out.parent / "nb", flags, timeout=timeout, env_extra=OFFLINE, cpus=cpus)  # noqa: E731
+    return LANES.submit(f"test_runs:{out.parent.name}", job)
+
+
+@pytest.fixture(scope="module")
+def bad_data_run(smoke_runs, tmp_path_factory):
+    """An earlier run's folder, its digest, and notebook 04 run again on it with a malformed data file (queued)."""
+    out = earlier_run(smoke_runs, tmp_path_factory, "bad-data")
+    bad = out.parent / "bad.jsonl"
+    bad.write_text('{"prompt": "kitchen lights on", "completion": "{}"}\n{"prompt": "hall fan off"}\n')
+    return out, digest(out), run04(out, f"DATA_FILE={bad}")
+
+
+@pytest.fixture(scope="module")
+def resumed_run(smoke_runs, tmp_path_factory):
+    """An earlier run's folder, what it held, and notebook 04 resumed on it for two more steps (queued)."""
+    out = earlier_run(smoke_runs, tmp_path_factory, "resume")
+    last = launch.last_complete_checkpoint(out)
+    step = int(last.name.rsplit("-", 1)[1])
+    held = {"adapter": digest(out / "adapter"), "checkpoint": digest(last), "last": last, "step": step}
+    return out, held, run04(out, "RESUME=True", f"MAX_STEPS={step + 2}")
 
 
 @pytest.mark.slow
-def test_a_bad_data_file_leaves_the_earlier_run_intact(earlier_run, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "kitchen lights on", "completion": "{}"}\n{"prompt": "hall fan off"}\n')
-    before = digest(earlier_run)
-    res = run04(earlier_run, f"DATA_FILE={bad}")
+def test_a_bad_data_file_leaves_the_earlier_run_intact(bad_data_run, resumed_run):
+    earlier_run, before, future = bad_data_run
+    res = future.result()
     assert res.status == "failed" and "DataFormatError" in res.detail and "row 2" in res.detail, res.detail[-1500:]
     assert digest(earlier_run) == before and not (earlier_run / "previous").exists()  # byte for byte, nothing moved
 
 
 @pytest.mark.slow
-def test_notebook_04_resumes_and_keeps_the_earlier_adapter(earlier_run):
-    first_adapter = digest(earlier_run / "adapter")
-    last = launch.last_complete_checkpoint(earlier_run)
-    step = int(last.name.rsplit("-", 1)[1])
-    kept_checkpoint = digest(last)
-    res = run04(earlier_run, "RESUME=True", f"MAX_STEPS={step + 2}")
+def test_notebook_04_resumes_and_keeps_the_earlier_adapter(resumed_run):
+    earlier_run, held, future = resumed_run
+    first_adapter, kept_checkpoint, last, step = held["adapter"], held["checkpoint"], held["last"], held["step"]
+    res = future.result()
     assert res.status == "ok", res.detail[-3000:]
     assert digest(last) == kept_checkpoint                       # resumed from it: step `step` was not trained again
     assert launch.last_complete_checkpoint(earlier_run).name == f"checkpoint-{step + 2}"

@@ -1,5 +1,6 @@
 """The notebook gate (scripts/check_notebooks.py) and the stripper catch what they promise to."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,53 @@ def test_outputs_are_flagged_and_strip_removes_them(tmp_path):
     assert strip(path) is True and problems(path) == [] and strip(path) is False
 
 
+def test_strip_removes_what_jupyter_and_papermill_add_and_keeps_the_course_metadata(tmp_path):
+    path = make_nb(tmp_path, outputs=True)
+    nb = nbformat.read(path, as_version=4)
+    ids, tags = [c.id for c in nb.cells], [c.metadata.get("tags") for c in nb.cells]
+    nb.metadata.update(papermill={"duration": 3.2}, widgets={"state": {}}, kernelspec={"name": "slm-course"})
+    for cell in nb.cells:
+        cell.metadata.update(papermill={"status": "completed"}, execution={"iopub.status.idle": "t"}, scrolled=True)
+    nbformat.write(nb, path)
+    assert strip(path) is True
+    nb = nbformat.read(path, as_version=4)
+    assert set(nb.metadata) == {"slm_course", "kernelspec"}                 # the course's keys only
+    assert [c.id for c in nb.cells] == ids and [c.metadata.get("tags") for c in nb.cells] == tags
+    assert all(set(c.metadata) <= {"tags"} for c in nb.cells)              # papermill, execution, scrolled: gone
+    assert all(c.outputs == [] and c.execution_count is None for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.slow  # starts a Jupyter kernel
+def test_runner_stops_a_stalled_cell_and_names_it(tmp_path):
+    from run_notebooks import run_notebook
+
+    path = make_nb(tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    nb.cells[3].source = "import time\ntime.sleep(60)"
+    nbformat.write(nb, path)
+    res = run_notebook(path, tmp_path / "out", cell_timeout=2, timeout=50)
+    assert res.status == "timeout" and res.seconds < 50, (res.status, res.seconds)   # papermill stopped it, not the kill
+    assert res.detail.startswith("cell 4/5 · import time ran past 2 s"), res.detail
+
+
+def test_runner_goes_offline_when_the_hub_does_not_answer(monkeypatch):
+    import time
+
+    from run_notebooks import hub_or_offline
+
+    from helpers import env
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(env, "hub_reachable", lambda timeout: time.sleep(30))   # a DNS lookup that hangs
+    t0 = time.perf_counter()
+    said = hub_or_offline(wait=0.5)
+    assert time.perf_counter() - t0 < 2 and "HF_HUB_OFFLINE=1" in said
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "set by you" in hub_or_offline()
+
+
 def test_parameters_must_be_plain_literals(tmp_path):
     assert literal_assignments("A = 1\nB = [1, 'x']\nC = None") == {"A": 1, "B": [1, "x"], "C": None}
     with pytest.raises(ValueError, match="not a plain literal"):
@@ -63,6 +111,7 @@ def test_missing_shared_parameter_and_bad_name(tmp_path):
     assert any("NN_snake_topic" in m for m in msgs) and any("SMOKE" in m for m in msgs)
 
 
+@pytest.mark.slow  # starts a Jupyter kernel
 def test_runner_announces_each_code_cell_and_reports_failures(tmp_path):
     from run_notebooks import cell_labels, run_notebook
 
