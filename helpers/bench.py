@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from helpers.quant import is_4bit_linear, quant_state_tensors
+from helpers import quant
 
 
 def _device_of(model) -> str:
@@ -51,7 +51,7 @@ def eval_mode(model, guard_4bit: bool = True) -> Iterator:
     model.eval()
     if guard_4bit and _device_of(model) == "cpu":
         for m in model.modules():
-            if is_4bit_linear(m):
+            if quant.is_4bit_linear(m):
                 m.training = True
     try:
         yield model
@@ -132,8 +132,12 @@ class PeakMemory:
         return self.peak_bytes - self.start_bytes
 
     def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
         while not self._stop.is_set():
-            now = process_memory()
+            # RSS alone is one read of /proc; mallinfo2 (for live) walks the heap under malloc's lock: only when asked
+            now = process_memory() if self.kind == "live" else {"rss": me.memory_info().rss}
             self.peak_bytes = max(self.peak_bytes, now[self.kind])
             self.peak_rss_bytes = max(self.peak_rss_bytes, now["rss"])
             self._stop.wait(self.interval)
@@ -191,20 +195,9 @@ class PeakMemory:
 
 
 def model_footprint(model, quant_state: bool = True) -> int:
-    """Bytes of parameters + buffers (tied tensors once), plus bitsandbytes' quant state (absmax, scales) if asked.
-
-    With quant_state=False this equals transformers' `model.get_memory_footprint()`.
-    """
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    if quant_state:
-        states = {id(t): t for m in model.modules() for t in quant_state_tensors(m).values()}
-        total += sum(t.numel() * t.element_size() for t in states.values())
-    return total
+    """Bytes the loaded model holds: `helpers.quant.quantized_linear_bytes`'s total (parameters, buffers and
+    bitsandbytes' quant state, shared tensors once); with quant_state=False transformers' `get_memory_footprint()`."""
+    return quant.quantized_linear_bytes(model)["total_bytes"] if quant_state else model.get_memory_footprint()
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -228,58 +221,64 @@ def time_call(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> di
     return {"median": statistics.median(times), "min": min(times), "all": times, "result": result}
 
 
+def time_generation(generate: Callable[[int, int], tuple[int, int, str]], n_prompts: int, max_new_tokens: int = 32,
+                    warmup: int = 1, repeats: int = 3, warmup_tokens: int = 4) -> dict:
+    """The one timing protocol for generation speed, whatever runs the model (transformers here, llama.cpp in 08).
+
+    `generate(i, n)` makes exactly `n` greedy tokens for prompt `i` from a fresh start and returns (prompt tokens,
+    new tokens, text). Per repeat and prompt: TTFT = a 1-token call (prefill + first step), total = an n-token call;
+    prefill tokens/s = prompt tokens / TTFT; decode tokens/s = (new tokens - 1) / (total - TTFT), so the fixed cost
+    of a call cancels out. Medians over `repeats`, after `warmup` untimed passes of `warmup_tokens` tokens (the
+    first call pays one-time costs whatever its length). Returns prefill_tokens_per_s, decode_tokens_per_s, ttft_s
+    (mean per prompt), total_s (all prompts), prompt_tokens, new_tokens, repeats, texts.
+    """
+    if max_new_tokens < 2:
+        raise ValueError("max_new_tokens must be >= 2 to separate prefill from decoding")
+    for _ in range(warmup):
+        for i in range(n_prompts):
+            generate(i, max(1, min(warmup_tokens, max_new_tokens)))
+    runs, texts = [], []
+    for _ in range(max(1, repeats)):
+        ttft = total = 0.0
+        prompt_tokens = new_tokens = 0
+        texts = []
+        for i in range(n_prompts):
+            first = time_call(lambda i=i: generate(i, 1), warmup=0, repeats=1)
+            full = time_call(lambda i=i: generate(i, max_new_tokens), warmup=0, repeats=1)
+            n_prompt, n_new, text = full["result"]
+            ttft, total = ttft + first["median"], total + full["median"]
+            prompt_tokens, new_tokens = prompt_tokens + n_prompt, new_tokens + n_new
+            texts.append(text)
+        runs.append({"prefill_tokens_per_s": prompt_tokens / ttft,
+                     # NaN when noise makes the full run no slower than the 1-token run (use warmup >= 1)
+                     "decode_tokens_per_s": (new_tokens - n_prompts) / (total - ttft) if total > ttft else math.nan,
+                     "ttft_s": ttft / n_prompts, "total_s": total})
+    out = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+    out.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=len(runs), texts=texts)
+    return out
+
+
 def generation_speed(model, tokenizer, prompts: Sequence[str] | str, max_new_tokens: int = 32, warmup: int = 1,
                      repeats: int = 3, guard_4bit: bool = True, warmup_tokens: int = 4) -> dict:
-    """Greedy generation speed, one prompt at a time, median over `repeats` (after `warmup` untimed passes).
+    """Greedy generation speed of a transformers model, one prompt at a time, by `time_generation`'s protocol.
 
-    Time to first token (TTFT) = a generate() of one new token (prefill + first step); total = a generate() of
-    exactly `max_new_tokens`. prefill tokens/s = prompt tokens / TTFT; decode tokens/s = (new tokens - 1) /
-    (total - TTFT). Prompts are tokenized as given (format them, e.g. with a chat template, first).
-    Returns prefill_tokens_per_s, decode_tokens_per_s, ttft_s (mean per prompt), total_s (all prompts),
-    prompt_tokens, new_tokens, repeats, texts (the greedy continuations). Keep warmup >= 1: the first call
-    pays one-time costs (allocations, bitsandbytes' CPU repack with guard_4bit=False) that would land in TTFT.
-    Warm-up passes generate only `warmup_tokens` tokens: those costs are paid by the first call, whatever its length.
+    Prompts are tokenized as given (format them, e.g. with a chat template, first); every call makes exactly its
+    token count (min_new_tokens). Runs in `eval_mode(model, guard_4bit)`: pass guard_4bit=False to time
+    bitsandbytes' faster repacked CPU path on a model you will not train. Keep warmup >= 1: the first call pays
+    one-time costs (allocations, bitsandbytes' CPU repack with guard_4bit=False) that would land in TTFT.
     """
     import torch
 
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if max_new_tokens < 2:
-        raise ValueError("max_new_tokens must be >= 2 to separate prefill from decoding")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [{k: v.to(device) for k, v in tokenizer(p, return_tensors="pt").items()} for p in prompts]
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
 
-    def gen(enc, n: int):
-        return model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **greedy)
+    def generate(i: int, n: int) -> tuple[int, int, str]:
+        n_prompt = encoded[i]["input_ids"].shape[1]
+        out = model.generate(**encoded[i], max_new_tokens=n, min_new_tokens=n, **greedy)[0, n_prompt:]
+        return n_prompt, int(out.numel()), tokenizer.decode(out, skip_special_tokens=True)
 
-    runs, texts = [], []
     with torch.no_grad(), eval_mode(model, guard_4bit):
-        for _ in range(warmup):
-            for enc in encoded:
-                gen(enc, max(1, min(warmup_tokens, max_new_tokens)))
-        for _ in range(max(1, repeats)):
-            ttft = total = 0.0
-            prompt_tokens = new_tokens = 0
-            texts = []
-            for enc in encoded:
-                first = time_call(lambda enc=enc: gen(enc, 1), warmup=0, repeats=1)
-                full = time_call(lambda enc=enc: gen(enc, max_new_tokens), warmup=0, repeats=1)
-                n_prompt = enc["input_ids"].shape[1]
-                out = full["result"][0, n_prompt:]
-                ttft += first["median"]
-                total += full["median"]
-                prompt_tokens += n_prompt
-                new_tokens += int(out.numel())
-                texts.append(tokenizer.decode(out, skip_special_tokens=True))
-            runs.append({
-                "prefill_tokens_per_s": prompt_tokens / ttft,
-                # NaN when noise makes the full run no slower than the 1-token run (use warmup >= 1)
-                "decode_tokens_per_s": (new_tokens - len(encoded)) / (total - ttft) if total > ttft else math.nan,
-                "ttft_s": ttft / len(encoded),
-                "total_s": total,
-            })
-    out = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
-    out.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=len(runs), texts=texts)
-    return out
+        return time_generation(generate, len(prompts), max_new_tokens, warmup, repeats, warmup_tokens)

@@ -1,45 +1,37 @@
-"""Export: merge a LoRA adapter, convert to GGUF with llama.cpp's own converter, quantize, run with llama-cpp-python.
+"""Export to GGUF: merge a LoRA adapter, convert with llama.cpp's own converter, quantize with llama.cpp (08).
 
 The converter (``convert_hf_to_gguf.py`` with its ``conversion/`` package and ``gguf-py``) ships inside the
 ``llama-cpp-python`` source distribution under ``vendor/llama.cpp/``. ``python -m helpers.export --prepare`` (run by
 ``make prepare`` while PyPI is reachable) downloads that sdist with pip and keeps only those files under
-:func:`helpers.env.cache_dir`, so notebooks convert offline. Quantizing and running use the installed
-``llama_cpp`` package (``llama_model_quantize``, ``Llama``). Also here: checks that the chat template, EOS and the
-tokenizer travel with the GGUF, and an Ollama ``Modelfile`` writer with a renderer for the template subset it uses.
+:func:`helpers.env.cache_dir`, so notebooks convert offline. Quantizing uses the installed ``llama_cpp`` package
+(``llama_model_quantize``, the library call behind the ``llama-quantize`` tool). Reading and checking the files:
+``helpers.gguf_file``; running them: ``helpers.llamacpp``; the Ollama ``Modelfile``: ``helpers.ollama``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from helpers import data, env, evals, models
+from helpers import env, models
+from helpers.gguf_file import check_gguf
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the pinned llama-cpp-python: its sdist ships the converter, its wheel runs the files
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 CONVERTER_IMPORTS = ("torch", "transformers", "numpy", "sentencepiece", "yaml", "requests", "tqdm")
 PREPARE_HINT = "run `make prepare` (or `python -m helpers.export --prepare`) once while PyPI is reachable"
-GGUF_MAGIC = b"GGUF"
 
 
 class AdapterMismatchError(ValueError):
     """The adapter was trained on another base model than the one it is to be merged into."""
-
-
-class GGUFFileError(ValueError):
-    """A GGUF file is missing, truncated or not GGUF at all; the message names the file."""
 
 
 class ConversionError(RuntimeError):
@@ -54,15 +46,52 @@ def converter_dir(version: str = LLAMA_CPP_PYTHON) -> Path:
     return env.cache_dir() / f"llama.cpp-converter-{version}"
 
 
-def find_converter(path: str | Path = "auto") -> Path:
-    """The path of ``convert_hf_to_gguf.py`` ("auto": the prepared cache copy); raise with the fix if incomplete."""
-    folder = converter_dir() if str(path) in ("", "auto") else Path(path)
-    if folder.name == "convert_hf_to_gguf.py":
-        folder = folder.parent
+def find_converter(path: str | Path = "auto", pre_tokenizer: str | None = None) -> Path:
+    """The path of ``convert_hf_to_gguf.py`` ("auto": the prepared cache copy; a folder; a script in it, kept as given).
+
+    With `pre_tokenizer`: a wrapper script beside it that runs it unchanged after naming that BPE pre-tokenizer
+    (see `convert`), called with the same arguments. Raises with the fix if the converter is incomplete.
+    """
+    given = Path(converter_dir() if str(path) in ("", "auto") else path)
+    folder = given.parent if given.suffix == ".py" else given
     missing = [p for p in CONVERTER_PARTS if not (folder / p).exists()]
     if missing:
         raise FileNotFoundError(f"llama.cpp's converter is not complete in {folder} (missing {missing}): {PREPARE_HINT}")
-    return folder / "convert_hf_to_gguf.py"
+    script = given if given.suffix == ".py" and given.is_file() else folder / "convert_hf_to_gguf.py"
+    return script if pre_tokenizer is None else _pre_tokenizer_wrapper(folder, pre_tokenizer)
+
+
+# llama.cpp's converter, unchanged, told the BPE pre-tokenizer it could not recognize by hash
+_WRAPPER = '''"""llama.cpp's convert_hf_to_gguf.py run unchanged, told the BPE pre-tokenizer is {pre!r} (written by helpers.export).
+
+It recognizes a BPE vocabulary's pre-tokenizer by the hash of the ids it gives a test string and refuses one it
+has never seen; this names it instead. Arguments: those of convert_hf_to_gguf.py.
+"""
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import conversion.base as base  # noqa: E402
+
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: {pre!r}
+sys.argv[0] = str(HERE / "convert_hf_to_gguf.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def _pre_tokenizer_wrapper(folder: Path, pre_tokenizer: str) -> Path:
+    """Write (once, atomically) the wrapper that names `pre_tokenizer` to the converter in `folder`; return it."""
+    if not re.fullmatch(r"[\w.+-]+", pre_tokenizer):
+        raise ValueError(f"pre_tokenizer must be one of llama.cpp's pre-tokenizer names (e.g. 'gpt-2'), got {pre_tokenizer!r}")
+    path = folder / f"convert_hf_to_gguf_pre_{pre_tokenizer}.py"
+    text = _WRAPPER.format(pre=pre_tokenizer)
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
 
 
 def missing_converter_imports() -> list[str]:
@@ -172,12 +201,6 @@ def byte_level_pre_tokenizer(model_dir: str | Path) -> str | None:
     return "gpt-2" if gpt2 else None
 
 
-# runs llama.cpp's converter unchanged, after telling it the BPE pre-tokenizer it could not recognize by hash
-_WITH_PRE = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); import conversion.base as base; "
-             "pre = sys.argv[2]; base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre; "
-             "sys.argv = sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
 def pre_tokenizer_for(model_dir: str | Path, converter: str | Path = "auto") -> str | None:
     """None if the converter knows the folder's BPE pre-tokenizer by its hash (or needs none), else a name to pass.
 
@@ -202,12 +225,10 @@ def pre_tokenizer_for(model_dir: str | Path, converter: str | Path = "auto") -> 
 
 def converter_command(model_dir: str | Path, outfile: str | Path, outtype: str = "f16", converter: str | Path = "auto",
                       pre_tokenizer: str | None = None, vocab_only: bool = False) -> list[str]:
-    """The command line that runs llama.cpp's converter (optionally naming the BPE pre-tokenizer, see `convert`)."""
-    script = find_converter(converter)
-    args = [str(model_dir), "--outtype", outtype, "--outfile", str(outfile), *(["--vocab-only"] if vocab_only else [])]
-    if pre_tokenizer is None:
-        return [sys.executable, str(script), *args]
-    return [sys.executable, "-c", _WITH_PRE, str(script.parent), pre_tokenizer, str(script), *args]
+    """``python convert_hf_to_gguf.py MODEL_DIR --outfile OUTFILE --outtype OUTTYPE`` (the converter from `find_converter`)."""
+    script = find_converter(converter, pre_tokenizer)
+    return [sys.executable, str(script), str(model_dir), "--outfile", str(outfile), "--outtype", outtype,
+            *(["--vocab-only"] if vocab_only else [])]
 
 
 def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16", converter: str | Path = "auto",
@@ -240,108 +261,7 @@ def convert(model_dir: str | Path, outfile: str | Path, outtype: str = "f16", co
     return outfile
 
 
-# ------------------------------------------------------------------------------------- GGUF files
-
-
-_KV_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar value types → bytes
-_STRING, _ARRAY = 8, 9
-
-
-def _read_gguf_header(buf, path: Path) -> dict:
-    """Walk a GGUF header (key/values, tensor table) without decoding the vocabulary; raise if it runs off the end."""
-    import struct
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    pos = 0
-
-    def take(n: int) -> bytes:
-        nonlocal pos
-        if pos + n > len(buf):
-            raise GGUFFileError(f"{path}: truncated GGUF: its header stops at byte {len(buf):,} (needs more). "
-                                "Convert or quantize it again (or download it again).")
-        pos += n
-        return buf[pos - n:pos]
-
-    def num(fmt: str):
-        return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
-
-    def skip_value(vtype: int) -> None:
-        if vtype == _STRING:
-            take(num("Q"))
-        elif vtype == _ARRAY:
-            etype, count = num("I"), num("Q")
-            if etype in _KV_SIZES:
-                take(_KV_SIZES[etype] * count)
-            else:
-                for _ in range(count):
-                    skip_value(etype)
-        elif vtype in _KV_SIZES:
-            take(_KV_SIZES[vtype])
-        else:
-            raise GGUFFileError(f"{path}: corrupt GGUF (unknown value type {vtype})")
-
-    take(4)
-    version, n_tensors, n_kv = num("I"), num("Q"), num("Q")
-    keys, alignment = [], 32
-    for _ in range(n_kv):
-        key = take(num("Q")).decode("utf-8", "replace")
-        vtype = num("I")
-        if key == "general.alignment" and vtype == 4:
-            alignment = num("I")
-        else:
-            skip_value(vtype)
-        keys.append(key)
-    tensors = []
-    for _ in range(n_tensors):
-        take(num("Q"))
-        dims = [num("Q") for _ in range(num("I"))]
-        ttype, offset = num("I"), num("Q")
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-        n = math.prod(dims)
-        tensors.append((GGMLQuantizationType(ttype).name, n, offset, n // block * size))
-    data_start = -(-pos // alignment) * alignment
-    return {"version": version, "keys": keys, "tensors": tensors, "data_start": data_start}
-
-
-def check_gguf(path: str | Path) -> dict:
-    """Read a GGUF file's header and tensor table; raise GGUFFileError naming the file if it is not complete.
-
-    Returns {"path", "bytes", "tensors", "parameters", "tensor_bytes", "tensor_types", "metadata_keys"}.
-    """
-    import mmap
-
-    path = Path(path)
-    if not path.is_file():
-        raise GGUFFileError(f"{path}: no such GGUF file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-        if magic != GGUF_MAGIC:
-            raise GGUFFileError(f"{path}: not a GGUF file (starts with {magic!r}, not {GGUF_MAGIC!r})")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                head = _read_gguf_header(buf, path)
-            except (ValueError, KeyError, UnicodeError) as e:
-                if isinstance(e, GGUFFileError):
-                    raise
-                raise GGUFFileError(f"{path}: corrupt GGUF header ({e}). Convert or quantize it again.") from e
-    tensors = head["tensors"]
-    end = head["data_start"] + max(off + nb for _, _, off, nb in tensors) if tensors else 0  # vocab-only: no data
-    if end > size:
-        raise GGUFFileError(f"{path}: truncated GGUF: its tensors need {end:,} bytes, the file has {size:,}. "
-                            "Convert or quantize it again (or download it again).")
-    types: dict[str, int] = {}
-    for name, *_ in tensors:
-        types[name] = types.get(name, 0) + 1
-    return {"path": str(path), "bytes": size, "tensors": len(tensors), "parameters": sum(t[1] for t in tensors),
-            "tensor_bytes": sum(t[3] for t in tensors), "tensor_types": dict(sorted(types.items())),
-            "metadata_keys": head["keys"]}
-
-
-def tensor_types(path: str | Path) -> dict[str, int]:
-    """How many tensors of each ggml type a GGUF holds (k-quants fall back to other types for some shapes)."""
-    return check_gguf(path)["tensor_types"]
+# ------------------------------------------------------------------------------------- quantizing
 
 
 def quant_types() -> dict[str, int]:
@@ -367,230 +287,6 @@ def quantize(src: str | Path, dst: str | Path, qtype: str = "Q4_K_M", threads: i
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} → {dst}, {qtype}) failed with code {rc}")
     return Path(dst)
-
-
-def load_gguf(path: str | Path, threads: int, n_ctx: int = 1024, **kwargs):
-    """A `llama_cpp.Llama` on the CPU for a checked GGUF file, with `threads` threads for prompt and decode."""
-    from llama_cpp import Llama
-
-    check_gguf(path)
-    return Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_gpu_layers=0,
-                 verbose=False, **kwargs)
-
-
-# ------------------------------------------------------------------------------------- generating with llama.cpp
-
-
-def gguf_complete(llm, prompt: str | Sequence[int], max_new_tokens: int, ban_eos: bool = False) -> dict:
-    """Greedy completion (temperature 0) from a fresh context: {"text", "finish_reason", "tokens"}."""
-    llm.reset()  # no reuse of the previous prompt's KV cache: every call pays its own prefill
-    bias = {llm.token_eos(): -1e9} if ban_eos else None
-    out = llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, logit_bias=bias)
-    choice = out["choices"][0]
-    return {"text": choice["text"], "finish_reason": choice["finish_reason"], "tokens": out["usage"]["completion_tokens"]}
-
-
-def gguf_evaluate_task(llm, tokenizer, records: Sequence[Mapping], max_new_tokens: int = 48) -> dict:
-    """`helpers.evals.evaluate_task` for a GGUF model: the same prompts (formatted by `tokenizer`), greedy, scored alike."""
-    runs: list[dict] = []
-
-    def complete(prompts: list[str]) -> list[str]:
-        runs.extend(gguf_complete(llm, p, max_new_tokens) for p in prompts)
-        return [r["text"].strip() for r in runs]
-
-    result = evals.evaluate_task(None, tokenizer, records, generate_fn=complete)
-    return {**result, "finish_reasons": [r["finish_reason"] for r in runs]}
-
-
-def gguf_generation_speed(llm, prompts: Sequence[str] | str, max_new_tokens: int = 32, repeats: int = 1) -> dict:
-    """`helpers.bench.generation_speed`'s numbers for a GGUF model, from one streamed greedy run per prompt.
-
-    TTFT = time until the first streamed token (prefill + first step); decode tokens/s = the other tokens ÷ the
-    time after it. EOS is banned so every run makes exactly `max_new_tokens` (transformers' min_new_tokens). No
-    warm-up here: warm up on another prompt first. Returns prefill_tokens_per_s, decode_tokens_per_s, ttft_s,
-    total_s, prompt_tokens, new_tokens, repeats, texts.
-    """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if max_new_tokens < 2:
-        raise ValueError("max_new_tokens must be >= 2 to separate prefill from decoding")
-    runs, texts = [], []
-    for _ in range(max(1, repeats)):
-        ttft = total = 0.0
-        prompt_tokens = new_tokens = 0
-        texts = []
-        for p in prompts:
-            llm.reset()
-            t0 = time.perf_counter()
-            first, pieces = None, []
-            stream = llm.create_completion(p, max_tokens=max_new_tokens, temperature=0.0, stream=True,
-                                           logit_bias={llm.token_eos(): -1e9})
-            for chunk in stream:
-                first = first or time.perf_counter()
-                pieces.append(chunk["choices"][0]["text"])
-            end = time.perf_counter()
-            ttft, total = ttft + (first - t0), total + (end - t0)
-            prompt_tokens += len(llm.tokenize(p.encode(), add_bos=False, special=True))
-            new_tokens += max_new_tokens
-            texts.append("".join(pieces))
-        runs.append({"prefill_tokens_per_s": prompt_tokens / ttft,
-                     "decode_tokens_per_s": (new_tokens - len(prompts)) / (total - ttft),
-                     "ttft_s": ttft / len(prompts), "total_s": total})
-    out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    out.update(prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=len(runs), texts=texts)
-    return out
-
-
-# ------------------------------------------------------------------------------------- template and EOS
-
-
-def gguf_chat_prompt(llm, messages: Sequence[Mapping]) -> str:
-    """The prompt text the GGUF's embedded chat template gives (llama-cpp-python's Jinja2 formatter, as in chat)."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise ValueError("this GGUF has no tokenizer.chat_template: the model's tokenizer had none when converted")
-    eos, bos = llm.token_eos(), llm.token_bos()
-    text = Jinja2ChatFormatter(template, eos_token=llm._model.token_get_text(eos) if eos >= 0 else "",
-                               bos_token=llm._model.token_get_text(bos) if bos >= 0 else "")
-    return text(messages=[dict(m) for m in messages]).prompt
-
-
-def template_tokens_match(llm, tokenizer, conversations: Sequence[Sequence[Mapping]]) -> list[dict]:
-    """For each conversation: the GGUF's template + llama.cpp's tokenizer vs tokenizer.apply_chat_template, by token id.
-
-    A model without a chat template (Phi-2's Instruct/Output format) has none in the GGUF either: then the prompt
-    text `helpers.data.format_prompt` builds is tokenized by both tokenizers instead.
-    """
-    rows = []
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    for messages in conversations:
-        if chat:
-            ref = tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
-            ref = list(ref["input_ids"] if isinstance(ref, Mapping) else ref)
-            text = gguf_chat_prompt(llm, messages)
-        else:
-            if llm.metadata.get("tokenizer.chat_template"):
-                raise ValueError("the GGUF has a chat template but the tokenizer has none: they do not belong together")
-            text = data.format_prompt([dict(m) for m in messages], tokenizer)
-            ref = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ours = llm.tokenize(text.encode(), add_bos=False, special=True)
-        first = next((i for i, (a, b) in enumerate(zip(ref, ours, strict=False)) if a != b), min(len(ref), len(ours)))
-        rows.append({"same": ref == ours, "template": "chat template in the GGUF" if chat else "Instruct/Output text",
-                     "tokens": len(ref), "gguf_tokens": len(ours), "first_difference": None if ref == ours else first})
-    return rows
-
-
-def tokenizers_agree(llm, tokenizer, texts: Sequence[str]) -> bool:
-    """True if llama.cpp's tokenizer (from the GGUF) gives the same ids as the transformers tokenizer on every text."""
-    return all(llm.tokenize(t.encode(), add_bos=False, special=True) == tokenizer(t, add_special_tokens=False)["input_ids"]
-               for t in texts)
-
-
-# ------------------------------------------------------------------------------------- Ollama Modelfile
-
-_GO_TAG = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
-
-
-def ollama_template(tokenizer, system: str | None = None) -> dict:
-    """An Ollama TEMPLATE (Go template: .System, .Prompt) that renders the model's prompt format, up to the answer.
-
-    ChatML templates (``<|im_start|>``, SmolLM2's) and Phi-2's ``Instruct:``/``Output:`` format are supported; other
-    formats raise: write their TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md).
-    Returns {"template", "stop", "system"}: `system` is the system prompt the template puts in by default.
-    """
-    style = data.prompt_style(tokenizer)
-    if style == "instruct":
-        return {"template": "{{ if .System }}{{ .System }}\n{{ end }}Instruct: {{ .Prompt }}\nOutput:",
-                "stop": [tokenizer.eos_token, "\nInstruct:"], "system": system}
-    probe = data.format_prompt("PROBE", tokenizer)
-    if "<|im_start|>" not in probe:
-        raise NotImplementedError("only ChatML and Instruct/Output formats are translated to an Ollama TEMPLATE; "
-                                  "write this model's TEMPLATE by hand (Ollama docs: docs/template.md)")
-    default = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n", probe, re.S)
-    template = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-                "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n")
-    return {"template": template, "stop": ["<|im_end|>", "<|im_start|>"],
-            "system": system if system is not None else (default.group(1) if default else None)}
-
-
-def render_go_template(template: str, **values: str) -> str:
-    """Render the Go-template subset an Ollama TEMPLATE uses here: {{ .Name }}, {{ if .Name }}…{{ end }}, trim markers.
-
-    Missing names render empty, as in Go templates; any other action raises ValueError.
-    """
-    out: list[str] = []
-    stack: list[bool] = []  # one entry per open {{ if }}: is its branch on
-    pos, trim_next = 0, False
-    for m in _GO_TAG.finditer(template):
-        trim_left, action, trim_right = m.groups()
-        text = template[pos:m.start()]
-        text = text.lstrip() if trim_next else text
-        text = text.rstrip() if trim_left else text
-        if all(stack):
-            out.append(text)
-        pos, trim_next = m.end(), bool(trim_right)
-        if cond := re.fullmatch(r"if \.(\w+)", action):
-            stack.append(bool(values.get(cond.group(1))))
-        elif action == "end":
-            if not stack:
-                raise ValueError("{{ end }} without {{ if }}")
-            stack.pop()
-        elif re.fullmatch(r"\.\w+", action):
-            if all(stack):
-                out.append(str(values.get(action[1:]) or ""))
-        else:
-            raise ValueError(f"unsupported Go-template action {{{{ {action} }}}} (this renderer knows .Name, if, end)")
-    if stack:
-        raise ValueError("{{ if }} without {{ end }}")
-    rest = template[pos:]
-    return "".join(out) + (rest.lstrip() if trim_next else rest)
-
-
-def write_modelfile(path: str | Path, gguf_file: str | Path, template: str, stop: Sequence[str],
-                    system: str | None = None, parameters: Mapping[str, object] | None = None) -> Path:
-    """Write an Ollama Modelfile: FROM (relative to the Modelfile), TEMPLATE, SYSTEM, one PARAMETER stop per string."""
-    path = Path(path)
-    source = os.path.relpath(Path(gguf_file).resolve(), path.parent.resolve())
-    for name, text in (("TEMPLATE", template), ("SYSTEM", system or "")):
-        if '"""' in text:
-            raise ValueError(f"{name} contains triple quotes, which a Modelfile cannot hold")
-    lines = [f"FROM ./{source}", f'TEMPLATE """{template}"""']
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stop if s]
-    lines += [f"PARAMETER {k} {v}" for k, v in (parameters or {}).items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def read_modelfile(path: str | Path) -> dict:
-    """Parse a Modelfile written by `write_modelfile`: {"FROM", "TEMPLATE", "SYSTEM", "stop": [...], "parameters"}."""
-    text = Path(path).read_text()
-    out: dict = {"stop": [], "parameters": {}}
-    for m in re.finditer(r'^(FROM|TEMPLATE|SYSTEM|PARAMETER)[ \t]+("""(.*?)"""|[^\n]*)$', text, re.S | re.M):
-        key, raw, quoted = m.group(1), m.group(2), m.group(3)
-        value = quoted if quoted is not None else raw.strip()
-        if key == "PARAMETER":
-            name, _, v = value.partition(" ")
-            if name == "stop":
-                out["stop"].append(json.loads(v) if v.startswith('"') else v)
-            else:
-                out["parameters"][name] = v
-        else:
-            out[key] = value
-    return out
-
-
-def modelfile_prompt(modelfile: Mapping, messages: Sequence[Mapping]) -> str:
-    """The prompt text Ollama would build from a parsed Modelfile for a system (optional) + one user message."""
-    system = next((m["content"] for m in messages if m["role"] == "system"), modelfile.get("SYSTEM"))
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    if len(users) != 1 or any(m["role"] not in ("system", "user") for m in messages):
-        raise ValueError("modelfile_prompt renders one optional system message and exactly one user message")
-    return render_go_template(modelfile["TEMPLATE"], System=system or "", Prompt=users[0])
 
 
 if __name__ == "__main__":  # `python -m helpers.export --prepare [--sdist PATH]` (used by `make prepare`)

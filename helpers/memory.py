@@ -157,19 +157,21 @@ def estimate_memory(
 GROWTH_PARTS = ("gradients", "optimizer_state", "activations", "lm_head_working_set", "backward_working_set")
 
 
-def check_plan(plan: MemoryEstimate, peak: Mapping) -> dict[str, float | str]:
+def check_plan(plan: MemoryEstimate, peak: Mapping, model_loaded: bool = True) -> dict[str, float | str]:
     """Predicted vs measured peak (GiB) for a run's `peak_memory` record (`helpers.train.training_metrics`).
 
-    The plan's overhead becomes what the process held besides the model when training started (measured:
-    start_bytes - model_bytes on CPU; 0 on CUDA, where max_memory_allocated counts tensors only). Returns the
+    The plan's overhead becomes what the process held besides the model when the measurement started (measured:
+    start_bytes - model_bytes on CPU, or start_bytes when it started before the model was loaded, `model_loaded`
+    False; 0 on CUDA, where max_memory_allocated counts tensors only). Returns the
     predicted and measured peak, their ratio, the predicted and measured growth during training and, on CPU, the
     freed memory the allocator kept (RSS peak - live peak), which the plan leaves out. On CPU the weights must be
     resident when training starts (after any forward pass: weights loaded from safetensors are memory-mapped and
     page in on first use), or the overhead comes out too small by what is not yet paged in.
     """
-    overhead = peak["start_bytes"] - peak["model_bytes"] if peak["device"] == "cpu" else 0.0
+    held_model = peak["model_bytes"] if model_loaded else 0
+    overhead = peak["start_bytes"] - held_model if peak["device"] == "cpu" else 0.0
     predicted = plan.total - plan.parts["overhead"] + overhead
-    growth = sum(plan.parts[k] for k in GROWTH_PARTS)
+    growth = sum(plan.parts[k] for k in GROWTH_PARTS) + (0 if model_loaded else plan.parts["weights"])
     gib = 2**30
     out = {"kind": peak["kind"], "predicted_gib": predicted / gib, "measured_gib": peak["peak_bytes"] / gib,
            "ratio": peak["peak_bytes"] / predicted, "overhead_gib": overhead / gib,

@@ -152,10 +152,11 @@ def row_07(m: dict) -> str:
 
 def row_08(m: dict) -> str:
     x = m["08_export_gguf"]
-    forms = " · ".join(f"{n} {r['file MB']:.0f} MB {r['decode tok/s']:.1f} tok/s EM {r['exact match']:.2f}"
+    forms = " · ".join(f"{n} {r['size MB']:.0f} MB {r['decode tok/s']:.1f} tok/s EM {r['exact match']:.2f}"
                        for n, r in x["side_by_side"].items())
-    b = x["bar"]
-    return (f"n = {x['task_items']}, {b['threads']} threads: {forms}; Q4_K_M decode ×{b['q4_k_m_decode_speedup']:.1f} fp32 "
+    b, sp = x["bar"], x["speed_protocol"]
+    return (f"n = {x['task_items']}; every runtime timed alike ({x['speed_new_tokens']} new tokens after one warm-up, median "
+            f"of {sp['repeats']}, {b['threads']} threads; size = in memory): {forms}; Q4_K_M decode ×{b['q4_k_m_decode_speedup']:.1f} fp32 "
             f"(bar ≥5: {b['decode_5x']}), EM in fp32's CI: {b['q4_k_m_em_in_fp32_ci']}; template "
             f"{x['template']['same_tokens']}/{x['template']['prompts']} token-identical")
 

@@ -89,7 +89,34 @@ def test_model_footprint_counts_tied_tensors_once():
     assert bench.model_footprint(model) == 4 * (n - 256 * 64) + buffers
 
 
+def test_rss_sampling_leaves_the_allocator_alone(monkeypatch):
+    """Sampling RSS must not walk malloc's heap (mallinfo2 takes its lock): it slowed what was being timed."""
+    calls = []
+    real = bench.process_memory
+    monkeypatch.setattr(bench, "process_memory", lambda: calls.append(1) or real())
+    with bench.PeakMemory("cpu", interval=0.005):
+        time.sleep(0.1)
+    assert len(calls) == 2  # entry and exit only, not ~20 samples
+    with bench.PeakMemory("cpu", interval=0.005, measure="live"):
+        time.sleep(0.1)
+    assert len(calls) > 6
+
+
 # ------------------------------------------------------------------------------------ generation
+
+
+def test_timing_protocol_recovers_known_prefill_and_decode_rates():
+    """A fake runtime whose calls take 20 ms + 1 ms per prompt token + 5 ms per new token: 200 decode tokens/s."""
+    def generate(i, n):
+        time.sleep(0.020 + 0.001 * (10 + i) + 0.005 * n)
+        return 10 + i, n, "x" * n
+
+    res = bench.time_generation(generate, n_prompts=2, max_new_tokens=41, warmup=1, repeats=3)
+    assert res["prompt_tokens"] == 21 and res["new_tokens"] == 82 and res["texts"] == ["x" * 41] * 2
+    assert 150 < res["decode_tokens_per_s"] < 215  # 80 tokens / (80 x 5 ms), give or take the sleeps' jitter
+    assert 0.026 <= res["ttft_s"] < 0.045          # 20 + 10.5 + 5 ms per prompt
+    with pytest.raises(ValueError, match=">= 2"):
+        bench.time_generation(generate, 1, max_new_tokens=1)
 
 
 @pytest.mark.slow

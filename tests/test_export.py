@@ -1,21 +1,29 @@
-"""helpers.export: converter preparation, adapter checks, conversion of the tiny Phi (its LoRA merged) with llama.cpp's
-own converter, quantization, llama.cpp vs transformers logits, the chat template and EOS in the GGUF, the Ollama
-Modelfile's template, and the three bad inputs (wrong base, truncated GGUF, unknown quantization type).
+"""The GGUF route, on files built once here: helpers.export (converter preparation, adapter checks, conversion of the
+tiny Phi with its LoRA merged by llama.cpp's own converter, quantization), helpers.gguf_file (file checks),
+helpers.llamacpp (llama.cpp vs transformers logits, speed, the chat template and EOS in the GGUF) and the command-line
+route notebook 08 prints (the converter command, llama-cpp-python's OpenAI-compatible server). The Ollama Modelfile
+needs no GGUF: tests/test_ollama.py.
 
 The converter runs as a subprocess (~10 s each); the GGUF files are built once per module.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import socket
+import subprocess
+import sys
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import data, env, export, models
+from helpers import data, env, export, gguf_file, llamacpp, models
 
 SYSTEM = "Reply with JSON only: action (on/off/set), device, room, value (number or null), time (HH:MM or null)."
 
@@ -78,15 +86,15 @@ def test_truncated_or_foreign_gguf_names_the_file(tiny_gguf, tmp_path):
     whole = tiny_gguf["f16"].read_bytes()
     for name, raw in (("cut.gguf", whole[: len(whole) // 2]), ("header.gguf", whole[:64]), ("empty.gguf", b"")):
         (tmp_path / name).write_bytes(raw)
-        with pytest.raises(export.GGUFFileError, match=str(tmp_path / name)):
-            export.check_gguf(tmp_path / name)
-        with pytest.raises(export.GGUFFileError, match=name):
-            export.load_gguf(tmp_path / name, threads=1)
+        with pytest.raises(gguf_file.GGUFFileError, match=str(tmp_path / name)):
+            gguf_file.check_gguf(tmp_path / name)
+        with pytest.raises(gguf_file.GGUFFileError, match=name):
+            llamacpp.load_gguf(tmp_path / name, threads=1)
     (tmp_path / "x.gguf").write_text("not gguf")
-    with pytest.raises(export.GGUFFileError, match="not a GGUF file"):
-        export.check_gguf(tmp_path / "x.gguf")
-    with pytest.raises(export.GGUFFileError, match="no such GGUF file"):
-        export.check_gguf(tmp_path / "missing.gguf")
+    with pytest.raises(gguf_file.GGUFFileError, match="not a GGUF file"):
+        gguf_file.check_gguf(tmp_path / "x.gguf")
+    with pytest.raises(gguf_file.GGUFFileError, match="no such GGUF file"):
+        gguf_file.check_gguf(tmp_path / "missing.gguf")
 
 
 def test_unknown_quantization_type_lists_the_valid_ones(tiny_gguf, tmp_path):
@@ -129,17 +137,19 @@ def tiny_gguf(tiny_merged):
 
 
 def test_tiny_phi_converts_with_merged_lora_and_matches_transformers(tiny_merged, tiny_gguf):
-    info = export.check_gguf(tiny_gguf["f16"])
-    n_params = sum(p.numel() for p in models.load_model(str(tiny_merged["merged"])).parameters())
-    assert info["tensor_bytes"] < 4 * n_params and "tokenizer.ggml.pre" in info["metadata_keys"]
-    assert export.tensor_types(tiny_gguf["f16"]).get("F16", 0) > 0
+    info = gguf_file.check_gguf(tiny_gguf["f16"])
+    merged = models.load_model(str(tiny_merged["merged"]))
+    n_params = sum(p.numel() for p in merged.parameters())
+    # every weight is in the file once: f16 matrices (2 bytes), f32 norms and biases (4), so between 2 and 4 bytes each
+    assert info["parameters"] == n_params and 2 * n_params < info["tensor_bytes"] < 4 * n_params
+    assert "tokenizer.ggml.pre" in info["metadata_keys"] and gguf_file.tensor_types(tiny_gguf["f16"]).get("F16", 0) > 0
     tok = models.load_tokenizer(str(tiny_merged["merged"]))
     text = "the model reads a short sentence about small language models"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():  # the adapter model before merging: merge + conversion preserve what it computes
         ref = tiny_merged["model"](input_ids=torch.tensor([ids])).logits[0].double()
-    llm = export.load_gguf(tiny_gguf["f16"], threads=1, n_ctx=256, logits_all=True)
-    assert export.tokenizers_agree(llm, tok, [text, "Instruct: turn on the lamp\nOutput:", "x  y\n\nz 123"])
+    llm = llamacpp.load_gguf(tiny_gguf["f16"], threads=1, n_ctx=256, logits_all=True)
+    assert llamacpp.tokenizers_agree(llm, tok, [text, "Instruct: turn on the lamp\nOutput:", "x  y\n\nz 123"])
     llm.reset()
     llm.eval(ids)
     ours = torch.tensor(llm.scores[: len(ids)]).double()
@@ -150,11 +160,16 @@ def test_tiny_phi_converts_with_merged_lora_and_matches_transformers(tiny_merged
 def test_quantized_files_shrink_and_run(tiny_gguf):
     sizes = {k: Path(v).stat().st_size for k, v in tiny_gguf.items()}
     assert sizes["Q4_K_M"] < sizes["Q8_0"] < sizes["f16"]
-    llm = export.load_gguf(tiny_gguf["Q4_K_M"], threads=1, n_ctx=256)
-    export.gguf_complete(llm, "Instruct: warm up\nOutput:", 4)  # first-call costs out of the way
-    speed = export.gguf_generation_speed(llm, ["Instruct: hello\nOutput:"], max_new_tokens=24)
-    assert speed["new_tokens"] == 24 and speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
-    assert speed["total_s"] > speed["ttft_s"] > 0 and len(speed["texts"][0]) > 0
+    info = {k: gguf_file.check_gguf(v) for k, v in tiny_gguf.items()}
+    assert all(i["tensors"] == info["f16"]["tensors"] and i["bytes"] == sizes[k] for k, i in info.items())
+    assert "Q8_0" in info["Q8_0"]["tensor_types"]  # quantized, not copied
+    llm = llamacpp.load_gguf(tiny_gguf["Q4_K_M"], threads=1, n_ctx=256)
+    speed = llamacpp.generation_speed(llm, ["Instruct: hello\nOutput:"], max_new_tokens=24, warmup=1, repeats=2)
+    assert speed["new_tokens"] == 24 and speed["repeats"] == 2 and speed["prompt_tokens"] == len(
+        llm.tokenize(b"Instruct: hello\nOutput:", add_bos=True, special=True))
+    assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0 and speed["total_s"] > speed["ttft_s"] > 0
+    # the timed text is the greedy completion (EOS held off), not something else
+    assert speed["texts"][0] == llamacpp.complete(llm, "Instruct: hello\nOutput:", 24, ban_eos=True)["text"]
 
 
 def test_generation_stops_at_the_eos_the_gguf_carries(tiny_merged, tmp_path):
@@ -165,11 +180,11 @@ def test_generation_stops_at_the_eos_the_gguf_carries(tiny_merged, tmp_path):
     model.save_pretrained(tmp_path / "eos")
     models.load_tokenizer(str(tiny_merged["merged"])).save_pretrained(tmp_path / "eos")
     f16 = export.convert(tmp_path / "eos", tmp_path / "eos.gguf", pre_tokenizer="gpt-2")
-    llm = export.load_gguf(f16, threads=1, n_ctx=256)
+    llm = llamacpp.load_gguf(f16, threads=1, n_ctx=256)
     assert llm.token_eos() == model.config.eos_token_id
-    stopped = export.gguf_complete(llm, "Instruct: hello\nOutput:", 16)
+    stopped = llamacpp.complete(llm, "Instruct: hello\nOutput:", 16)
     assert stopped["finish_reason"] == "stop" and stopped["tokens"] <= 1
-    forced = export.gguf_complete(llm, "Instruct: hello\nOutput:", 5, ban_eos=True)
+    forced = llamacpp.complete(llm, "Instruct: hello\nOutput:", 5, ban_eos=True)
     assert forced["finish_reason"] == "length" and forced["tokens"] == 5
 
 
@@ -181,7 +196,7 @@ def smollm2_vocab(tmp_path_factory):
     """SmolLM2's tokenizer + chat template as a vocab-only GGUF (no weights: small and quick)."""
     out = export.convert(models.model_path("smollm2-135m"), tmp_path_factory.mktemp("vocab") / "smol-vocab.gguf",
                          vocab_only=True)
-    return export.load_gguf(out, threads=1, vocab_only=True), models.load_tokenizer("smollm2-135m")
+    return llamacpp.load_gguf(out, threads=1, vocab_only=True), models.load_tokenizer("smollm2-135m")
 
 
 def test_gguf_chat_template_renders_the_course_prompts_token_for_token(smollm2_vocab):
@@ -190,54 +205,73 @@ def test_gguf_chat_template_renders_the_course_prompts_token_for_token(smollm2_v
                                        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "lamp on"},
                                         {"role": "assistant", "content": '{"action":"on"}'},
                                         {"role": "user", "content": "and off again"}]]
-    rows = export.template_tokens_match(llm, tok, convs)
+    rows = llamacpp.template_tokens_match(llm, tok, convs)
     assert all(r["same"] for r in rows), rows
     assert llm.token_eos() == tok.eos_token_id and llm.metadata["tokenizer.chat_template"] == tok.chat_template
     answers = [data.split_record(r)[1] for r in data.read_rows(env.DATA_DIR / "sft" / "heldout.jsonl")[:20]]
-    assert export.tokenizers_agree(llm, tok, answers)
+    assert llamacpp.tokenizers_agree(llm, tok, answers)
 
 
 def test_template_check_catches_a_wrong_template(smollm2_vocab, monkeypatch):
     llm, tok = smollm2_vocab
     monkeypatch.setitem(llm.metadata, "tokenizer.chat_template", tok.chat_template.replace("<|im_start|>assistant\n", "<|im_start|>assistant"))
-    assert not export.template_tokens_match(llm, tok, heldout_conversations(1))[0]["same"]
+    assert not llamacpp.template_tokens_match(llm, tok, heldout_conversations(1))[0]["same"]
 
 
-# ------------------------------------------------------------------------------------- Ollama Modelfile
+# ------------------------------------------------------------------------------------- the command-line route (08)
 
 
-def test_modelfile_template_renders_the_same_prompt_text(tmp_path):
-    tok = models.load_tokenizer("smollm2-135m")
-    spec = export.ollama_template(tok, system=SYSTEM)
-    (tmp_path / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
-    path = export.write_modelfile(tmp_path / "Modelfile", tmp_path / "model-Q4_K_M.gguf", spec["template"], spec["stop"],
-                                  system=spec["system"], parameters={"temperature": 0})
-    mf = export.read_modelfile(path)
-    assert mf["FROM"] == "./model-Q4_K_M.gguf" and mf["stop"] == ["<|im_end|>", "<|im_start|>"]
-    assert mf["SYSTEM"] == SYSTEM and mf["parameters"] == {"temperature": "0"}
-    for conv in heldout_conversations():
-        assert export.modelfile_prompt(mf, conv) == data.format_prompt(conv, tok)
-        assert export.modelfile_prompt(mf, conv[1:]) == data.format_prompt(conv, tok)  # SYSTEM supplies the default
-    plain = export.ollama_template(tok)  # no system given: the template's own default system prompt
-    assert plain["system"].startswith("You are a helpful AI assistant named SmolLM")
-    user = [{"role": "user", "content": "hi"}]
-    assert export.render_go_template(plain["template"], System=plain["system"], Prompt="hi") == data.format_prompt(user, tok)
+def test_the_converter_command_is_the_one_a_reader_types(tiny_merged, tmp_path):
+    """`python convert_hf_to_gguf.py <merged> --outfile model-f16.gguf --outtype f16`, run as a shell command."""
+    script = export.find_converter()
+    assert export.converter_command("m", "model-f16.gguf") == [sys.executable, str(script), "m", "--outfile",
+                                                               "model-f16.gguf", "--outtype", "f16"]
+    wrapper = export.find_converter(pre_tokenizer="gpt-2")  # the tiny Phi's vocabulary needs its pre-tokenizer named
+    assert wrapper.parent == script.parent and export.find_converter(wrapper) == wrapper
+    cmd = f"{sys.executable} {wrapper} {tiny_merged['merged']} --outfile model-f16.gguf --outtype f16"
+    res = subprocess.run(cmd, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert gguf_file.check_gguf(tmp_path / "model-f16.gguf")["tensor_types"].get("F16", 0) > 0
+    with pytest.raises(ValueError, match="pre-tokenizer names"):
+        export.find_converter(pre_tokenizer="gpt-2; rm -rf /")
 
 
-def test_modelfile_for_the_instruct_format_of_phi():
-    tok = models.load_tokenizer("tiny-phi")
-    spec = export.ollama_template(tok)
-    assert spec["stop"][0] == "<|endoftext|>"
-    assert export.render_go_template(spec["template"], Prompt="lamp on") == data.format_prompt("lamp on", tok)
+SERVER_PACKAGES = ("openai", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+SERVER_INSTALL = "pip install 'llama-cpp-python[server]==0.3.36' openai==3.57.0"
 
 
-def test_go_template_subset():
-    t = "{{- if .System }}[{{ .System }}]\n{{- end }} {{ if .Prompt }}<{{ .Prompt }}>{{ end }}|{{ .Response }}"
-    assert export.render_go_template(t, System="s", Prompt="p") == "[s] <p>|"
-    assert export.render_go_template(t, Prompt="p", Response="r") == " <p>|r"
-    assert export.render_go_template("{{ if .A }}a{{ if .B }}b{{ end }}{{ end }}.", A="1") == "a."
-    assert export.render_go_template("a {{- .X -}} b", X="x") == "axb"
-    with pytest.raises(ValueError, match="unsupported"):
-        export.render_go_template("{{ range .Messages }}{{ end }}")
-    with pytest.raises(ValueError, match="without"):
-        export.render_go_template("{{ if .X }}open")
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_compatible_server_answers_like_the_library(tiny_gguf, tmp_path):
+    """`python -m llama_cpp.server --model model-Q8_0.gguf` (llama-server's counterpart) queried by the openai client."""
+    missing = [m for m in SERVER_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"the server route needs {missing}: {SERVER_INSTALL}")
+    from openai import OpenAI
+
+    port, model = free_port(), tiny_gguf["Q8_0"]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_threads", "1", "--n_ctx", "256"],
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "server.log").open("w"))
+    try:
+        for _ in range(240):  # up to 2 minutes on a loaded machine
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        prompt = "Instruct: turn on the lamp\nOutput:"
+        # greedy; the server's default repeat penalty (1.1) would change the tokens, so it is switched off
+        got = client.completions.create(model=model.name, prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"repeat_penalty": 1.0})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    expected = llamacpp.complete(llamacpp.load_gguf(model, threads=1, n_ctx=256), prompt, 8)
+    assert got.choices[0].text == expected["text"] and got.usage.completion_tokens == expected["tokens"]

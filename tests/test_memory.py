@@ -105,3 +105,7 @@ def test_check_plan_uses_the_measured_overhead_and_says_what_the_allocator_kept(
     assert check["allocator_retained_gib"] == 0.25
     cuda = memory.check_plan(plan, {**peak, "device": "cuda", "kind": "max_allocated"})
     assert cuda["overhead_gib"] == 0 and cuda["predicted_gib"] == 1.75
+    # measured from before the model was loaded (notebook 04): all of start is overhead, the weights are growth
+    before = memory.check_plan(plan, {**peak, "start_bytes": 0.5 * 2**30}, model_loaded=False)
+    assert before["overhead_gib"] == 0.5 and before["predicted_gib"] == 2.25 and before["ratio"] == 1.0
+    assert before["growth_predicted_gib"] == before["growth_measured_gib"] == 1.75
