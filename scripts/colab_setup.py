@@ -44,7 +44,7 @@ def pins(path: Path = ROOT / "requirements.txt") -> dict[str, str]:
     """name → pinned version from a requirements file (comments and unpinned lines ignored)."""
     out = {}
     for line in path.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s#]+)", line.strip())
+        m = re.match(r"^([A-Za-z0-9_.-]+)(?:\[[A-Za-z0-9_,.-]+\])?==([^\s#]+)", line.strip())  # extras: not on Colab
         if m:
             out[norm(m.group(1))] = m.group(2)
     return out

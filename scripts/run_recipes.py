@@ -198,8 +198,10 @@ def reads_and_binds(source: str) -> tuple[set[str], set[str]]:
 
 def pinned_imports(requirements: Path = ROOT / "requirements.txt") -> set[str]:
     """Top-level import names of the distributions requirements.txt pins (transformers, yaml, llama_cpp, ...)."""
-    norm = lambda s: re.sub(r"[-_.]+", "-", s).lower()  # noqa: E731
-    pinned = {norm(m.group(1)) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==", requirements.read_text(), re.M)}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from colab_setup import norm, pins  # the one reader of requirements.txt's pins (extras allowed)
+
+    pinned = set(pins(requirements))
     return {name for name, dists in packages_distributions().items() if any(norm(d) in pinned for d in dists)}
 
 

@@ -3,11 +3,15 @@
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
 
 from helpers import env
+
+sys.path.insert(0, str(env.REPO_ROOT / "scripts"))
+import colab_setup  # noqa: E402
 
 REQUIREMENTS = env.REPO_ROOT / "requirements.txt"
 # `make test-gpu LATEST=1` (the weekly latest-releases lane) installs the newest releases, not the pins: the lane
@@ -52,7 +56,7 @@ def _key(name: str) -> str:
 
 @pytest.mark.skipif(os.environ.get("LATEST") == "1", reason=LATEST_SKIP)
 def test_versions_are_the_pins_of_requirements_txt():
-    pins = {_key(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", REQUIREMENTS.read_text(), re.MULTILINE)}
+    pins = {_key(n): v for n, v in colab_setup.pins(REQUIREMENTS).items()}  # scripts/colab_setup.py: the one reader
     installed = env.versions()
     for name in env.STACK:  # the versions every metrics.json records: each pinned, each installed at its pin
         assert _key(name) in pins, f"{name} is recorded but not pinned in requirements.txt"
