@@ -75,6 +75,15 @@ def clock(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def is_smoke(extra: list[str]) -> bool:
+    """Do papermill's arguments set SMOKE to true (-p SMOKE True, or -y "SMOKE: true")?"""
+    pairs = zip(extra, extra[1:], extra[2:], strict=False)
+    by_p = any(a in ("-p", "--parameters") and b == "SMOKE" and c.lower() in ("true", "1") for a, b, c in pairs)
+    by_y = any(a in ("-y", "--parameters_yaml") and re.search(r"SMOKE:\s*(true|True|1)\b", b)
+               for a, b in zip(extra, extra[1:], strict=False))
+    return by_p or by_y
+
+
 def run_notebook(path: Path, out: Path, extra: list[str] = (), timeout: float | None = None,
                  env_extra: dict[str, str] | None = None, progress: Callable[[str], None] | None = None,
                  cell_timeout: int | None = None, cpus: set[int] | None = None) -> Result:
@@ -86,6 +95,8 @@ def run_notebook(path: Path, out: Path, extra: list[str] = (), timeout: float | 
     ("[04_sft_training +1m05s] cell 12/40 · trainer.train()"), from papermill's own cell log.
     """
     stem = path.stem
+    if is_smoke(extra) and out.name != "smoke":  # a smoke run and its executed copy never land on a full run's
+        out = out / "smoke"
     target = out / stem / f"{stem}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SLM_COURSE_BUILD": str(out.resolve()), "TOKENIZERS_PARALLELISM": "false",

@@ -156,3 +156,11 @@ def test_collect_metrics_fills_only_the_marked_section(tmp_path):
     assert "1.0 min (all passed): 03 61 s; torch threads [2]" in text
     assert text.count("not run (no metrics file)") >= 5  # every other notebook's row says so instead of a stale number
     assert "| 03_lora_target_modules | m | cpu | float32 | False | 0 | 12.5 | 2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_smoke_run_lands_in_the_smoke_folder():
+    """`make nb NB=04 PARAMS="-p SMOKE True"` keeps the executed copy and outputs away from the full run's build/04…/."""
+    import run_notebooks
+
+    assert run_notebooks.is_smoke(["-p", "SMOKE", "True"]) and run_notebooks.is_smoke(["-y", "SMOKE: true"])
+    assert not run_notebooks.is_smoke(["-p", "MAX_STEPS", "3"]) and not run_notebooks.is_smoke(["-p", "SMOKE", "False"])
