@@ -210,6 +210,8 @@ def main(argv: list[str]) -> int:
     if args.smoke:
         extra = ["-p", "SMOKE", "True", *extra]
     out = Path(args.out)
+    if is_smoke(extra) and out.name != "smoke":  # smoke runs, their executed copies and summary: <out>/smoke/
+        out = out / "smoke"
     selected = notebooks(args.only)
     if not selected:
         print(f"no notebook matches {args.only!r}")
