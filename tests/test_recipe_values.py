@@ -69,3 +69,13 @@ def test_follow_profile_moves_only_untouched_values():
     assert launch.recipe_config(moved, gpu).lora_r == 4 and launch.recipe_config(cpu, gpu).quantization is None
     with pytest.raises(ValueError, match="not recipe parameters"):
         launch.follow_profile({"LORA_RANK": 4}, gpu)
+
+
+def test_trl_no_longer_prepares_a_4bit_model_itself():
+    """Notebook 02 says TRL 1.x's SFTTrainer does not call `prepare_model_for_kbit_training` (TRL 0.7.4, the 2023
+    script's, did): a TRL release that brings it back makes this fail, and 02's paragraph must change with it."""
+    import inspect
+
+    from trl.trainer import sft_trainer
+
+    assert "prepare_model_for_kbit_training" not in inspect.getsource(sft_trainer)
