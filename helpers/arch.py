@@ -29,6 +29,12 @@ HUB_IDS = {
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
     "phi-3-mini-4k-instruct": "microsoft/Phi-3-mini-4k-instruct",
+    "gemma-3-270m-it": "google/gemma-3-270m-it",
+    "gemma-3-1b-it": "google/gemma-3-1b-it",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+    "phi-4-mini-instruct": "microsoft/Phi-4-mini-instruct",
 }
 
 # len(tokenizer) of the hub tokenizers (checked facts, see data/configs/README.md); the embedding has more rows

@@ -81,6 +81,33 @@ def test_parameter_counts_exact(skeletons):
     assert all(p.device.type == "meta" for p in skeletons["llama-2-70b"].parameters())
 
 
+def test_todays_configs_build_the_published_architectures(skeletons):
+    """Oracles: the Phi-4-mini report (32 layers, hidden 3072, 24 query / 8 KV heads, 200K vocabulary), the Qwen3
+    model cards (28 layers, 16 / 8 heads) and the Gemma-3-270M GGUF on PyPI (18 layers, width 640, 4 / 1 heads)."""
+    summary = {n: arch.shape_summary(arch.load_config(n), skeletons[n]) for n in arch.config_names()}
+    phi4 = summary["phi-4-mini-instruct"]
+    assert (phi4["layers"], phi4["hidden_size"], phi4["heads"], phi4["kv_heads"]) == (32, 3072, 24, 8)
+    assert phi4["vocab_rows"] == 200_064 and phi4["rotary_dims"] == 96  # 3/4 of a 128-wide head, read from the buffer
+    roles = arch.count_params_by_role(skeletons["phi-4-mini-instruct"])
+    assert roles["qkv_proj"] == 32 * 3072 * (24 + 2 * 8) * 128 and roles["gate_up_proj"] == 32 * 3072 * 2 * 8192
+    assert not {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} & set(roles)
+    for name in ("qwen3-0.6b", "qwen3-1.7b"):
+        assert (summary[name]["layers"], summary[name]["heads"], summary[name]["kv_heads"]) == (28, 16, 8)
+    g270 = summary["gemma-3-270m-it"]
+    assert (g270["layers"], g270["hidden_size"], g270["heads"], g270["kv_heads"], g270["head_dim"]) == (18, 640, 4, 1, 256)
+
+
+def test_gemma_files_say_the_same_layer_pattern_two_ways():
+    """The 270M file lists `layer_types`; the 1B file gives `sliding_window_pattern` 6: both mean five sliding-window
+    layers, then one global layer (the 5:1 interleaving of the Gemma 3 report, arXiv:2503.19786); 512-token windows."""
+    for name in ("gemma-3-270m-it", "gemma-3-1b-it"):
+        cfg = arch.load_config(name)
+        types = cfg.layer_types
+        assert len(types) == cfg.num_hidden_layers and cfg.sliding_window == 512
+        assert [i for i, t in enumerate(types) if t == "full_attention"] == list(range(5, cfg.num_hidden_layers, 6))
+    assert "layer_types" not in arch.load_config_dict("gemma-3-1b-it")
+
+
 def test_count_params_by_role_phi2(skeletons):
     roles = arch.count_params_by_role(skeletons["phi-2"])
     assert sum(roles.values()) == PHI2_PARAMS
