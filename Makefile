@@ -31,14 +31,19 @@ PYTEST_ARGS ?=
 TIMEOUT_FACTOR ?= 3
 # the test report .ci/run reads (how many tests ran, which notebooks were smoke-tested)
 PYTEST_REPORT := build/pytest-report.xml
+# make site / make site-test: the website of the executed notebooks, and the browser that checks it
+SITE := build/site
+PARTIAL ?=
+CHROMIUM ?= chromium
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install prepare run nb test test-quick test-gpu lint unit smoke strip clean lock results
+.PHONY: help install prepare run nb test test-quick test-gpu lint unit smoke strip clean lock results site site-test
 
 help:
 	@echo "make run | make test | make test-quick | make nb NB=04 PARAMS='-p MAX_STEPS 200' | make lint | make strip | make clean"
+	@echo "make results (after make run) | make site, then make site-test (the website of the executed notebooks)"
 
 # Reinstalls only when a requirements/project file changed (idempotent).
 $(STAMP): requirements.txt requirements-data.txt pyproject.toml $(LOCK)
@@ -49,7 +54,7 @@ ifeq ($(LATEST),1)
 	$(PIP) install -q torch
 	$(PIP) install -q -U -r $(REQS)
 else
-	@command -v c++ >/dev/null || command -v g++ >/dev/null || { echo "llama-cpp-python (notebook 08) builds from source and needs a C++ compiler and cmake: Debian/Ubuntu: sudo apt-get install g++ cmake · Fedora: sudo dnf install gcc-c++ cmake · macOS: xcode-select --install && brew install cmake"; exit 1; }
+	@command -v c++ >/dev/null || command -v g++ >/dev/null || { echo "llama-cpp-python (notebook 09) builds from source and needs a C++ compiler and cmake: Debian/Ubuntu: sudo apt-get install g++ cmake · Fedora: sudo dnf install gcc-c++ cmake · macOS: xcode-select --install && brew install cmake"; exit 1; }
 	@command -v cmake >/dev/null || echo "note: no cmake on PATH; pip will fetch cmake from PyPI to build llama-cpp-python (or: sudo apt-get install cmake)"
 	@echo "installing $(TORCH_PIN) first (CPU wheel on CPU machines), then the pinned stack held to $(LOCK)"
 	@echo "(llama-cpp-python has no Linux wheel on PyPI: the first install compiles it, ~5-9 min on 2 cores; pip caches the wheel)"
@@ -117,9 +122,24 @@ lock:
 	   $(PIP) freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-[a-z0-9_-]+|slm-course-helpers)==' ; } > $(LOCK).new
 	@mv $(LOCK).new $(LOCK) && echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) packages"
 
-# Collect build/*/metrics.json into README.md's "Measured" table and docs/results.md (after make run).
+# Collect build/*/metrics.json into README.md's "Measured" table and docs/results.md (after make run); write the
+# reference-results snapshot docs/results.json and, from it, the block in the 2nd cell of every numbered notebook
+# (the notebook gate checks those blocks once docs/results.json exists).
 results: install
-	$(PY) scripts/collect_metrics.py --build build --readme README.md --page docs/results.md
+	$(PY) scripts/collect_metrics.py --build build --readme README.md --page docs/results.md \
+	  --snapshot docs/results.json --notebooks notebooks
+
+# The website: every notebook as `make run` executed it (build/<stem>/<stem>.ipynb) → $(SITE)/index.html, offline.
+# Stops, naming `make run`, if a notebook has not run; PARTIAL=1 builds from those that ran.
+site: install
+	$(PY) scripts/build_site.py --build build --out $(SITE) $(if $(filter 1,$(PARTIAL)),--partial)
+
+# Every page of $(SITE) in headless Chromium (tests/test_site.py): console errors, images that did not load,
+# tracebacks in outputs, pages the navigation cannot reach; a screenshot goes to build/site_screenshot.png.
+site-test: install
+	@command -v $(CHROMIUM) >/dev/null || { echo "make site-test needs Chromium: sudo apt-get install -y chromium (Debian/Ubuntu), or CHROMIUM=/path/to/chrome"; exit 1; }
+	@test -f $(SITE)/index.html || { echo "no site at $(SITE): run make site first"; exit 1; }
+	SLM_COURSE_SITE=$(SITE) CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q tests/test_site.py::test_the_built_site
 
 strip: install
 	$(PY) scripts/strip_notebooks.py notebooks/*.ipynb

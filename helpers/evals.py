@@ -495,7 +495,7 @@ def evaluate_task(model, tokenizer, records: Sequence[Mapping], max_new_tokens: 
                   style: str = "auto", generate_fn: Callable[[list[str]], list[str]] | None = None) -> dict:
     """Generate answers for held-out task records (chat or prompt/completion) and score them.
 
-    `generate_fn(prompts) -> answers` replaces transformers generation (e.g. a llama.cpp model, notebook 08).
+    `generate_fn(prompts) -> answers` replaces transformers generation (e.g. a llama.cpp model, notebook 09).
     Returns {"outputs": [generated text], "scores": helpers.data.score_predictions(...)}.
     """
     pairs = [data.split_record(r) for r in records]

@@ -2,7 +2,9 @@
 
 Fails if a notebook is not stripped (outputs, execution counts, metadata: strip_notebooks.py); not exactly one `parameters` cell;
 a parameters cell that is not plain literal assignments; no `checks` cell with an assert; a bad name; a recipe
-cell that could not run alone (read without running it: scripts/run_recipes.py `analyse`).
+cell that could not run alone (read without running it: scripts/run_recipes.py `analyse`); once docs/results.json
+exists (`make results` writes it), a numbered notebook whose 2nd cell is not the reference-results block that
+snapshot renders (scripts/collect_metrics.py `render_block`), so the block can neither be missing nor stale.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import collect_metrics  # noqa: E402
 import run_recipes  # noqa: E402
 import strip_notebooks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAPSHOT = ROOT / "docs" / "results.json"  # absent until the first `make results`: the results check is off until then
 
 NAME = re.compile(r"^\d\d_[a-z0-9_]+\.ipynb$")
 SHARED_PARAMS = ("SMOKE", "SEED", "OUTPUT_DIR")
@@ -34,8 +40,20 @@ def literal_assignments(source: str) -> dict[str, object]:
     return values
 
 
-def problems(path: Path) -> list[str]:
-    """Everything wrong with one committed notebook, as readable messages."""
+def results_problems(cells: list[dict], stem: str, snapshot: dict) -> list[str]:
+    """The reference-results block: one, as the 2nd cell, equal to what the snapshot renders for `stem`."""
+    found = [i for i, c in enumerate(cells) if collect_metrics.is_results_cell(c)]
+    if not found:
+        return ["no reference-results block (its 2nd cell, from docs/results.json): run make results"]
+    if found != [1]:
+        return [f"the reference-results block must be the 2nd cell, once (found at cells {found}): run make results"]
+    if "".join(cells[1]["source"]) != collect_metrics.render_block(snapshot, stem):
+        return ["the reference-results block differs from docs/results.json (stale or edited by hand): run make results"]
+    return []
+
+
+def problems(path: Path, snapshot: dict | None = None) -> list[str]:
+    """Everything wrong with one committed notebook, as readable messages (`snapshot`: docs/results.json, if any)."""
     out = []
     if not NAME.match(path.name):
         out.append("name must look like NN_snake_topic.ipynb")
@@ -78,13 +96,18 @@ def problems(path: Path) -> list[str]:
         out.append("needs exactly one cell tagged 'colab' (the Colab install cell)")
     if not isinstance(meta.get("artefacts"), list) or not isinstance(meta.get("timeout"), int):
         out.append('metadata needs "slm_course": {"artefacts": [...], "timeout": <seconds>}')
+    if snapshot is not None and NAME.match(path.name):
+        out += results_problems(cells, path.stem, snapshot)
     return out
 
 
-def main(folder: str) -> int:
-    """Check every notebook in `folder`; print problems; return the exit status."""
+def main(folder: str, snapshot: Path = SNAPSHOT) -> int:
+    """Check every notebook in `folder` (their results blocks against `snapshot` if it exists); print problems."""
     paths = sorted(Path(folder).glob("*.ipynb"))
-    bad = {p: problems(p) for p in paths}
+    snap = json.loads(snapshot.read_text()) if snapshot.exists() else None
+    if snap is None:
+        print(f"notebook gate: no {snapshot.name} yet, so reference-results blocks are not checked (make results writes it)")
+    bad = {p: problems(p, snap) for p in paths}
     for p, msgs in bad.items():
         for m in msgs:
             print(f"{p}: {m}")

@@ -9,7 +9,7 @@ Run by each notebook's Colab-only cell (after it cloned the course) as
   has them; installed only if missing.
 - The fast-moving stack (transformers, peft, trl, bitsandbytes, datasets, lm_eval, …) is pinned exactly as in
   requirements.txt: installed when missing or at another version. llama-cpp-python compiles from source (no
-  Linux wheel on PyPI), so only notebook 08 installs it (`--only llama-cpp-python`). If one of those was already imported by the
+  Linux wheel on PyPI), so only notebook 09 installs it (`--only llama-cpp-python`). If one of those was already imported by the
   kernel, the new version only takes effect after Runtime → Restart session (then run the cell again: nothing
   left to install, no restart).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = {"torch", "papermill", "nbformat", "nbclient", "ipykernel", "jupyterlab", "ipywidgets", "pytest", "ruff",
-        "check-jsonschema"}
+        "check-jsonschema", "sphinx", "myst-nb", "sphinx-book-theme", "sphinx-mathjax-offline", "playwright"}  # site + its test
 KEEP_COLABS = {"numpy", "pandas", "matplotlib", "psutil", "pyyaml", "tqdm"}
 # compiled from source on Linux (no wheel on PyPI): only the notebook that needs it asks for it (--only)
 ON_DEMAND = {"llama-cpp-python"}
@@ -62,7 +62,7 @@ def plan(requirements: dict[str, str], have: dict[str, str | None], loaded: set[
          only: set[str] | None = None) -> dict:
     """What to install (name==version), what is kept as the runtime has it, and whether a restart is needed.
 
-    `only`: just these packages (e.g. notebook 08's {"llama-cpp-python"}); else everything but SKIP and ON_DEMAND.
+    `only`: just these packages (e.g. notebook 09's {"llama-cpp-python"}); else everything but SKIP and ON_DEMAND.
     """
     install, kept, restart_for = [], [], []
     for name, version in requirements.items():

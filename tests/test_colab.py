@@ -69,7 +69,7 @@ def test_install_plan_for_a_colab_runtime():
     names = {x.split("==")[0] for x in todo["install"]}
     assert {"transformers", "peft", "trl", "bitsandbytes", "lm-eval", "datasets"} <= names
     assert not names & {"torch", "jupyterlab", "ipykernel", "pytest", "ruff", "papermill", "nbformat", "numpy", "pandas",
-                        "llama-cpp-python"}                  # the compiled one: only notebook 08 asks for it
+                        "llama-cpp-python", "sphinx", "playwright"}   # compiled (only 09 asks for it); the site's tools
     only = colab_setup.plan(reqs, COLAB, loaded=set(), only={"llama-cpp-python"})
     assert only["install"] == [f"llama-cpp-python=={reqs['llama-cpp-python']}"]
     assert all(x == f"{x.split('==')[0]}=={reqs[x.split('==')[0]]}" for x in todo["install"])   # exact pins

@@ -1,7 +1,7 @@
 """The GGUF route, on files built once here: helpers.export (converter preparation, adapter checks, conversion of the
 tiny Phi with its LoRA merged by llama.cpp's own converter, quantization), helpers.gguf_file (file checks),
 helpers.llamacpp (llama.cpp vs transformers logits, speed, the chat template and EOS in the GGUF) and the command-line
-route notebook 08 prints (the converter command, llama-cpp-python's OpenAI-compatible server). The Ollama Modelfile
+route notebook 09 prints (the converter command, llama-cpp-python's OpenAI-compatible server). The Ollama Modelfile
 needs no GGUF: tests/test_ollama.py.
 
 The converter runs as a subprocess (~10 s each); the GGUF files are built once per module.
