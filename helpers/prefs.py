@@ -127,6 +127,60 @@ def build_pairs(records: Sequence[Mapping], failures: Sequence[Sequence[str]] | 
     return pairs
 
 
+def is_right(text: str, answer: str) -> bool:
+    """The task's own checker: the text parses to exactly the record's answer (what exact match scores)."""
+    return data.parse_prediction(text) == json.loads(answer)
+
+
+def on_policy_pairs(records: Sequence[Mapping], samples: Sequence[Sequence[str]], max_rejected: int = 2) -> list[dict]:
+    """Conversational pairs from the model's own samples, labelled by the task's checker: chosen = the model's own
+    right answer (kind "on-policy"), or the record's answer when no sample was right ("gold chosen"); rejected = up
+    to `max_rejected` distinct wrong samples. A prompt whose samples were all right gives no pair."""
+    if len(samples) != len(records):
+        raise ValueError(f"{len(samples)} sample lists for {len(records)} records")
+    pairs = []
+    for rec, outs in zip(records, samples, strict=True):
+        prompt, answer = data.split_record(rec)
+        if not isinstance(prompt, list):
+            raise ValueError("on_policy_pairs needs chat records (messages), got a plain prompt")
+        right = [s.strip() for s in outs if is_right(s, answer) and s.strip()]
+        wrong = list(dict.fromkeys(s.strip() for s in outs if s.strip() and not is_right(s, answer)))
+        chosen, kind = (right[0], "on-policy") if right else (answer, "gold chosen")
+        for text in wrong[:max_rejected]:
+            pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                          "rejected": [{"role": "assistant", "content": text}], "kind": kind})
+    return pairs
+
+
+def token_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens differ between two token sequences: the larger side of every non-matching block of a
+    `difflib` alignment, summed (0: identical; 1: one token replaced, inserted or deleted)."""
+    import difflib
+
+    ops = difflib.SequenceMatcher(a=list(a), b=list(b), autojunk=False).get_opcodes()
+    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in ops if tag != "equal")
+
+
+def drop_near_identical(pairs: Sequence[Mapping], tokenizer, min_tokens: int = 2) -> tuple[list[dict], list[dict]]:
+    """Split pairs into (kept, dropped): a pair whose chosen and rejected answers differ in fewer than `min_tokens`
+    tokens is near-identical — the case where DPO lowers the chosen answer's likelihood too (likelihood
+    displacement, Razin et al. 2024, arXiv:2410.08847)."""
+    kept, dropped = [], []
+    for p in pairs:
+        ids = [tokenizer(_text(p[k]), add_special_tokens=False)["input_ids"] for k in ("chosen", "rejected")]
+        (kept if token_difference(*ids) >= min_tokens else dropped).append(dict(p))
+    return kept, dropped
+
+
+def acceptance_gate(sft_right: Sequence[int], tuned_right: Sequence[int], alpha: float = 0.05) -> dict:
+    """Keep the tuned adapter unless it is significantly worse than SFT on the same items (McNemar's exact test,
+    two-sided at `alpha`, and fewer right answers): {"kept": "tuned" | "sft", "p_value", "sft_only", "tuned_only"}."""
+    test = evals.mcnemar_exact(sft_right, tuned_right)
+    worse = test["p_value"] < alpha and test["a_only"] > test["b_only"]
+    return {"kept": "sft" if worse else "tuned", "p_value": test["p_value"], "sft_only": test["a_only"],
+            "tuned_only": test["b_only"], "alpha": alpha, "n": len(sft_right)}
+
+
 def to_plain(pairs: Sequence[Mapping], tokenizer, style: str = "auto") -> list[dict]:
     """Conversational pairs → plain strings exactly as notebook 04 trained: `data.format_example` for both answers
     (the model's chat template or Instruct/Output, EOS appended), so DPO sees SFT's prompt and stop token."""
@@ -251,15 +305,17 @@ def pair_lengths(plain_pairs: Sequence[Mapping], tokenizer) -> dict[str, list[in
 def dpo_config(output_dir: str | Path, device: str = "cpu", dtype: str = "float32", beta: float = 0.1,
                learning_rate: float = 5e-5, max_steps: int = 20, batch_size: int = 4, grad_accum: int = 1,
                max_length: int = 256, seed: int = 0, warmup_steps: float = 0.0, logging_steps: int = 1,
-               activation_checkpointing: bool = False):
+               activation_checkpointing: bool = False, loss_type: Sequence[str] = ("sigmoid", "sft"),
+               loss_weights: Sequence[float] | None = (1.0, 1.0)):
     """A TRL `DPOConfig` with every choice explicit: precision from the device (TRL 1.16 defaults to bf16, which a
-    CPU refuses), no checkpoint saving, no reporting, sigmoid DPO loss, dropout off, `max_length` given."""
+    CPU refuses), no checkpoint saving, no reporting, DPO's sigmoid loss plus an SFT term, dropout off."""
     from trl import DPOConfig
 
     from helpers import train  # lazily: it imports peft and transformers' trainer
 
     return DPOConfig(
-        output_dir=str(output_dir), beta=beta, loss_type=["sigmoid"], learning_rate=learning_rate,
+        output_dir=str(output_dir), beta=beta, loss_type=list(loss_type),
+        loss_weights=list(loss_weights) if loss_weights else None, learning_rate=learning_rate,
         max_steps=max_steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         max_length=max_length, seed=seed, warmup_steps=warmup_steps, lr_scheduler_type="constant",
         logging_steps=logging_steps, save_strategy="no", report_to="none", disable_dropout=True,
@@ -269,10 +325,12 @@ def dpo_config(output_dir: str | Path, device: str = "cpu", dtype: str = "float3
 
 
 def reward_history(trainer) -> dict[str, list[float]]:
-    """Per logged step: DPO loss, reward margin (chosen − rejected), preference accuracy, chosen/rejected rewards."""
+    """Per logged step: DPO loss, reward margin (chosen − rejected), preference accuracy, chosen/rejected rewards,
+    and the policy's mean summed log-probability of the chosen and rejected answers (`logps/chosen`, `logps/rejected`)."""
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
     keys = {"loss": "loss", "margin": "rewards/margins", "accuracy": "rewards/accuracies",
-            "chosen": "rewards/chosen", "rejected": "rewards/rejected"}
+            "chosen": "rewards/chosen", "rejected": "rewards/rejected", "logps_chosen": "logps/chosen",
+            "logps_rejected": "logps/rejected"}
     return {"step": [h["step"] for h in logs], **{k: [float(h[v]) for h in logs] for k, v in keys.items()}}
 
 

@@ -9,10 +9,15 @@ in the README changes.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import nbformat
 
 from helpers import env
 
@@ -139,19 +144,26 @@ def row_06(m: dict) -> str:
 
 def row_07(m: dict) -> str:
     x = m["07_preference_tuning"]
-    t, d, g = x["task"], x["dpo"], x["general_text_perplexity"]
-    return (f"{x['profile']} profile, {x['pairs']['n']} pairs ({x['pairs']['by_kind'].get('model', 0)} the SFT model's own "
-            f"failures), {d['steps']} steps, β {x['beta']}, lr {d['config']['learning_rate']:g}: training pairs after DPO "
-            f"margin {d['train_pairs_after']['mean_margin']:+.2f}, preference accuracy "
-            f"{d['train_pairs_after']['preference_accuracy']:.2f}; held-out n = {t['n']}: exact match "
+    t, d, g, p = x["task"], x["dpo"], x["general_text_perplexity"], x["pairs"]
+    text = (f"{x['profile']} profile, {p['n']} on-policy pairs from {p['prompts']} training prompts ({p['right_samples']} of "
+            f"{p['samples']} samples right; {p['near_identical_dropped']} near-identical pairs dropped), {d['steps']} steps, "
+            f"β {x['beta']}, lr {d['config']['learning_rate']:g}, loss sigmoid + sft; held-out n = {t['n']}: exact match "
             f"{ci(t['before']['exact_match'])} → {ci(t['after']['exact_match'])}, McNemar p = "
             f"{t['paired_exact_match']['p_value']:.2g}; schema-valid {t['before']['schema_valid']['rate']:.2f} → "
             f"{t['after']['schema_valid']['rate']:.2f}; general-text perplexity {g['before']:.1f} → {g['after']:.1f}; "
-            f"verdict: {x['verdict']}; {d['train_seconds'] / d['steps']:.1f} s/step")
+            f"verdict: {x['verdict']}; gate keeps the {'DPO' if x['gate']['kept'] == 'tuned' else 'SFT'} adapter; "
+            f"{d['train_seconds'] / d['steps']:.1f} s/step")
+    c = x.get("contrast")
+    if c:
+        text += (f"; contrast, the first version's settings (lr {c['learning_rate']:g}, off-policy, sigmoid only, "
+                 f"{c['steps']} steps): exact match {c['exact_match']:.2f} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}], McNemar p = "
+                 f"{c['mcnemar_vs_sft']['p_value']:.2g}, chosen reward {c['late_chosen_reward']:+.3f} "
+                 f"(this recipe {x['late_chosen_reward']:+.3f})")
+    return text
 
 
-def row_08(m: dict) -> str:
-    x = m["08_export_gguf"]
+def row_09(m: dict) -> str:
+    x = m["09_export_gguf"]
     forms = " · ".join(f"{n} {r['size MB']:.0f} MB {r['decode tok/s']:.1f} tok/s EM {r['exact match']:.2f}"
                        for n, r in x["side_by_side"].items())
     b, sp = x["bar"], x["speed_protocol"]
@@ -172,17 +184,19 @@ ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("05: threads change speed, not results", row_05_threads),
     ("06: scaling out", row_06),
     ("07: DPO after SFT (default CPU profile)", row_07),
-    ("08: fine-tune as GGUF (llama.cpp) vs transformers", row_08),
+    ("09: fine-tune as GGUF (llama.cpp) vs transformers", row_09),
 ]
 
 
-def table(m: dict) -> str:
-    """The Measured table as markdown; a row whose notebook has not run says so."""
+def table(m: dict, skip_missing: bool = False) -> str:
+    """The Measured table as markdown; a row whose notebook has not run says so (or, `skip_missing`, is left out)."""
     lines = ["| what | figure |", "|---|---|"]
     for what, fn in ROWS:
         try:
             fig = fn(m)
         except (KeyError, TypeError, IndexError, ValueError):
+            if skip_missing:
+                continue
             fig = "not run (no metrics file)"
         lines.append(f"| {what} | {fig} |")
     return "\n".join(lines)
@@ -224,18 +238,199 @@ def results_page(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- reference results: docs/results.json (committed) and the block at the top of every numbered notebook ----
+RESULTS_MARK = "<!-- results:begin"
+RESULTS_BEGIN = f"{RESULTS_MARK} (make results writes this cell from docs/results.json) -->"
+RESULTS_END = "<!-- results:end -->"
+RESULTS_CELL_ID = "reference-results"
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+Headline = Callable[[dict], list[tuple[str, str]]]
+
+
+def headline_setup(x: dict) -> list[tuple[str, str]]:
+    """00: the model chosen offline and whether its cache is intact."""
+    return [("model chosen offline", f"`{x['model']}` on {x['device']} ({x['dtype']})"),
+            ("offline model cache intact", "yes" if x["offline_models_ok"] else "NO")]
+
+
+def headline_background(x: dict) -> list[tuple[str, str]]:
+    """01: Phi-2 and Phi-1.5 parameter counts from their configs."""
+    p = x["params"]
+    return [("Phi-2 parameters, counted from its config", f"{p['phi-2']:,} (published as 2.7B)"),
+            ("Phi-1.5 parameters", f"{p['phi-1.5']:,}")]
+
+
+def headline_load_4bit(x: dict) -> list[tuple[str, str]]:
+    """02: weight memory fp32 → NF4 (+ double quant) and what it costs in perplexity."""
+    fmt = {r["format"]: r for r in x["formats"]}
+    small = fmt.get("nf4-dq", fmt["nf4"])
+    return [(f"weights in memory, fp32 → {small['format']}",
+             f"{fmt['full']['footprint_mib']:.0f} MiB → {small['footprint_mib']:.0f} MiB"),
+            ("perplexity, fp32 → nf4", f"{fmt['full']['perplexity']:.1f} → {fmt['nf4']['perplexity']:.1f}")]
+
+
+def headline_lora_targets(x: dict) -> list[tuple[str, str]]:
+    """03: the best and the worst LoRA target set by held-out loss."""
+    runs = sorted(x["runs"], key=lambda r: r["heldout_loss"])
+    best, worst = runs[0], runs[-1]
+    return [(f"held-out loss after {x['max_steps']} steps, best target set",
+             f"{best['set']} {best['heldout_loss']:.3f} (before training: {x['heldout_loss_before']:.3f})"),
+            ("worst target set", f"{worst['set']} {worst['heldout_loss']:.3f}")]
+
+
+def headline_sft(x: dict) -> list[tuple[str, str]]:
+    """04: held-out exact match and schema validity before → after SFT, the loss curve's ends."""
+    b, a = x["task_before"], x["task_after"]
+    return [("held-out exact match", f"{pct(b['exact_match'])} → {pct(a['exact_match'])} (n = {a['n']})"),
+            ("schema-valid answers", f"{pct(b['schema_valid'])} → {pct(a['schema_valid'])}"),
+            ("training loss", f"{x['first_loss']:.2f} → {x['final_loss']:.3f} in {x['steps']} steps "
+                              f"({x['seconds_per_step']:.1f} s/step)")]
+
+
+def headline_benchmarking(x: dict) -> list[tuple[str, str]]:
+    """05: base vs fine-tuned exact match with intervals, and the forgetting check."""
+    t, loss = x["task"], x["loss"]
+    return [("task exact match, base → fine-tuned", f"{ci(t['base']['exact match'])} → {ci(t['tuned']['exact match'])} "
+                                                    f"(n = {t['n']}, McNemar p = {t['paired_exact_match']['p_value']:.1e})"),
+            ("general-text perplexity (forgetting)", f"{loss['base']['general_text']['perplexity']:.1f} → "
+                                                     f"{loss['tuned']['general_text']['perplexity']:.1f}")]
+
+
+def headline_scaling(x: dict) -> list[tuple[str, str]]:
+    """06: two processes and a kill-and-resume reproduce the single uninterrupted run."""
+    two, kr = x["two_processes"], x["kill_resume"]
+    return [("2 processes vs 1: max Δ loss", f"{two['max_loss_diff']:.1e}"),
+            ("kill -9 then resume vs uninterrupted: max Δ loss", f"{kr['max_loss_diff']:.1e}")]
+
+
+def headline_dpo(x: dict) -> list[tuple[str, str]]:
+    """07: exact match SFT → DPO, perplexity, the computed verdict and the gate's decision."""
+    t, g = x["task"], x["general_text_perplexity"]
+    return [("held-out exact match, SFT → DPO", f"{ci(t['before']['exact_match'])} → {ci(t['after']['exact_match'])} "
+                                                f"(n = {t['n']}, McNemar p = {t['paired_exact_match']['p_value']:.2g})"),
+            ("general-text perplexity", f"{g['before']:.1f} → {g['after']:.1f}"),
+            ("verdict, acceptance gate", f"{x['verdict']}; the gate keeps the "
+                                         f"{'DPO' if x['gate']['kept'] == 'tuned' else 'SFT'} adapter")]
+
+
+def headline_gguf(x: dict) -> list[tuple[str, str]]:
+    """The GGUF export: Q4_K_M vs transformers fp32 (size, decode speed, exact match)."""
+    rows = x["side_by_side"]
+    q4 = next(r for n, r in rows.items() if "Q4_K_M" in n)
+    fp32 = next(r for n, r in rows.items() if "transformers" in n and "fp32" in n)
+    form = lambda r: f"{r['size MB']:.0f} MB, {r['decode tok/s']:.1f} tok/s decode, exact match {r['exact match']:.2f}"  # noqa: E731
+    return [("GGUF Q4_K_M (llama.cpp)", form(q4)), ("transformers fp32", form(fp32)),
+            ("Q4_K_M decode speed-up over fp32", f"×{x['bar']['q4_k_m_decode_speedup']:.1f}")]
+
+
+# by topic, the stem without its number, so renumbering a notebook keeps its headline
+HEADLINES: dict[str, Headline] = {
+    "setup": headline_setup, "slm_background": headline_background, "load_4bit": headline_load_4bit,
+    "lora_target_modules": headline_lora_targets, "sft_training": headline_sft, "benchmarking": headline_benchmarking,
+    "scaling_out": headline_scaling, "preference_tuning": headline_dpo, "export_gguf": headline_gguf,
+}
+
+
+def headline(stem: str, x: dict) -> dict[str, str]:
+    """A notebook's 2–3 headline figures from its metrics (HEADLINES, by topic), then its run time."""
+    try:
+        figures = HEADLINES[stem[3:]](x) if stem[3:] in HEADLINES else []
+    except (KeyError, TypeError, IndexError, ValueError, StopIteration):
+        figures = []
+    return {**dict(figures), "run time": f"{x['seconds']:.0f} s ({x['threads']} torch threads)"}
+
+
+def cpu_kind(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU that ran (and collects) the figures: 'AMD EPYC, AVX-512 BF16, 2 cores' (no AVX-512 BF16: said too)."""
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+                platform.processor() or platform.machine() or "unknown CPU")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    bf16 = ("AVX-512 BF16" if "avx512_bf16" in flags else "no AVX-512 BF16") if flags else ""
+    return ", ".join(p for p in (name, bf16, f"{env.cpu_cores()} cores") if p)
+
+
+def git_commit(root: Path) -> str:
+    """The short commit of `root` (HEAD), or 'unknown' outside a git checkout."""
+    done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def snapshot(m: dict, build: Path, commit: str, machine: str) -> dict:
+    """docs/results.json: per notebook its headline figures; the commit, machine and date (of the newest metrics)."""
+    files = sorted(build.glob("[0-9][0-9]_*/metrics.json"))
+    newest = max((p.stat().st_mtime for p in files), default=0.0)
+    date = datetime.datetime.fromtimestamp(newest, datetime.timezone.utc).strftime("%Y-%m-%d") if files else "never"
+    notebooks = {k: {"model": v["model"], "device": v["device"], "dtype": v["dtype"], "headline": headline(k, v)}
+                 for k, v in m.items() if not k.startswith("_")}
+    return {"generated_by": "scripts/collect_metrics.py (make results) from build/*/metrics.json of a `make run`",
+            "commit": commit, "machine": machine, "date": date, "notebooks": notebooks}
+
+
+def render_block(snap: dict, stem: str) -> str:
+    """The markdown cell of reference results for notebook `stem`, exactly as the notebook gate expects it."""
+    x = snap["notebooks"].get(stem)
+    if x is None:
+        body = (f"**Reference results:** none yet: this notebook was not in the `make run` that `docs/results.json` "
+                f"records (commit `{snap['commit']}`, {snap['date']}). `make run` then `make results` fills this cell.")
+    else:
+        where = "a CPU" if x["device"] == "cpu" else x["device"]
+        figures = "\n".join(f"- {what}: **{value}**" for what, value in x["headline"].items())
+        body = (f"**Reference results** of the default profile (`make run` on {where}: {snap['machine']}; commit "
+                f"`{snap['commit']}`, {snap['date']}; model `{x['model']}`, {x['dtype']}):\n\n{figures}\n\n"
+                f"Speeds depend on the CPU; the quality figures should come out the same on yours "
+                f"(`build/{stem}/metrics.json` after `make nb NB={stem[:2]}`).")
+    return f"{RESULTS_BEGIN}\n{body}\n{RESULTS_END}"
+
+
+def is_results_cell(cell: dict) -> bool:
+    """Is this the reference-results cell (a markdown cell opening with the begin marker)?"""
+    return cell.get("cell_type") == "markdown" and "".join(cell.get("source", "")).startswith(RESULTS_MARK)
+
+
+def put_results_block(path: Path, snap: dict) -> bool:
+    """Make the notebook's 2nd cell (after the title) its reference-results block; return True if the file changed."""
+    nb = nbformat.read(path, as_version=4)
+    before = nbformat.writes(nb)
+    source = render_block(snap, path.stem)
+    keep = [c for c in nb.cells if not is_results_cell(c)]
+    old = [c for c in nb.cells if is_results_cell(c)]
+    cell = old[0] if old else nbformat.v4.new_markdown_cell(id=RESULTS_CELL_ID)
+    cell.source = source
+    nb.cells = keep[:1] + [cell] + keep[1:]
+    text = nbformat.writes(nb)
+    if text == before:
+        return False
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return True
+
+
+def write_reference_results(m: dict, build: Path, snapshot_path: Path, notebooks: Path | None) -> list[Path]:
+    """Write docs/results.json from `m`, then each numbered notebook's block from it; return the notebooks changed."""
+    snap = snapshot(m, build, git_commit(Path(__file__).resolve().parent.parent), cpu_kind())
+    env.write_json(snapshot_path, snap)
+    paths = sorted(notebooks.glob(NOTEBOOK_GLOB)) if notebooks else []
+    return [p for p in paths if put_results_block(p, snap)]
+
+
 def main(argv: list[str]) -> int:
     """CLI: read the build folder, rewrite the README section and the results page."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--build", default="build")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--page", default="docs/results.md")
+    ap.add_argument("--snapshot", help="also write this reference-results snapshot (make results: docs/results.json)")
+    ap.add_argument("--notebooks", help="and put its block in the numbered notebooks of this folder (2nd cell)")
     args = ap.parse_args(argv)
     m = load(Path(args.build))
     changed = update_readme(Path(args.readme), m)
     Path(args.page).write_text(results_page(m))
     print(table(m))
     print(f"\n{args.readme}: {'updated' if changed else 'unchanged'}; wrote {args.page}")
+    if args.snapshot:
+        nbs = write_reference_results(m, Path(args.build), Path(args.snapshot), Path(args.notebooks) if args.notebooks else None)
+        print(f"wrote {args.snapshot}; reference-results block updated in {len(nbs)} notebooks"
+              + (": " + ", ".join(p.name for p in nbs) if nbs else ""))
     return 0
 
 

@@ -127,7 +127,10 @@ def test_dpo_config_cpu_defaults_and_tiny_phi_training(tmp_path):
             DPOConfig(output_dir=str(tmp_path / "x"))
         assert DPOConfig(output_dir=str(tmp_path / "x"), use_cpu=True).bf16 is True      # use_cpu alone: bf16 autocast
         assert DPOConfig(output_dir=str(tmp_path / "x"), use_cpu=True).activation_checkpointing is True  # TRL's default
-    cfg = prefs.dpo_config(tmp_path / "dpo", max_steps=4, batch_size=4, learning_rate=5e-3, max_length=256)
+    mixed = prefs.dpo_config(tmp_path / "mixed")                                       # the notebook's loss: DPO + SFT term
+    assert (mixed.loss_type, mixed.loss_weights) == (["sigmoid", "sft"], [1.0, 1.0])
+    cfg = prefs.dpo_config(tmp_path / "dpo", max_steps=4, batch_size=4, learning_rate=5e-3, max_length=256,
+                           loss_type=("sigmoid",), loss_weights=None)                    # pure DPO: loss log 2 at step 1
     assert (cfg.bf16, cfg.fp16, cfg.beta, cfg.loss_type, cfg.activation_checkpointing) == (False, False, 0.1, ["sigmoid"], False)
 
     env.set_seed(0)
@@ -212,3 +215,56 @@ def test_dpo_on_a_4bit_base_casts_the_policy_adapter_to_bf16(tmp_path):
     assert hist["step"] == [1, 2] and abs(hist["margin"][0]) < 1e-2 and all(map(math.isfinite, hist["loss"]))
     margins = prefs.pair_margins(trainer.model, tok, plain, cfg.beta)
     assert len(margins) == len(plain) and all(map(math.isfinite, margins))
+
+
+# ------------------------------------------------------------------------------------------- on-policy pairs, gate
+
+
+def test_on_policy_pairs_label_samples_with_the_task_checker():
+    rec = TRAIN[0]
+    gold = json.loads(answer_of(rec))
+    right = json.dumps(gold, separators=(",", ":"))
+    wrong1 = json.dumps({**gold, "room": "attic" if gold["room"] != "attic" else "garage"})
+    wrong2 = "not json at all"
+    pairs = prefs.on_policy_pairs([rec, rec, rec], [[wrong1, right, wrong1, wrong2], [wrong2], [right, right]])
+    # prompt 1: chosen = the model's own right sample; rejected = the two distinct wrong ones (duplicate dropped)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["kind"]) for p in pairs[:2]] == [
+        (right, wrong1, "on-policy"), (right, wrong2, "on-policy")]
+    # prompt 2: no right sample -> the record's answer is chosen; prompt 3: nothing wrong -> no pair
+    assert (pairs[2]["chosen"][0]["content"], pairs[2]["kind"]) == (answer_of(rec), "gold chosen") and len(pairs) == 3
+    assert prefs.is_right("Sure: " + right, answer_of(rec)) and not prefs.is_right(wrong1, answer_of(rec))
+    with pytest.raises(ValueError, match="sample lists"):
+        prefs.on_policy_pairs([rec], [])
+
+
+@pytest.mark.parametrize("a,b,diff", [([1, 2, 3], [1, 2, 3], 0), ([1, 2, 3], [1, 9, 3], 1), ([1, 2, 3], [1, 2, 3, 4, 5], 2),
+                                      ([1, 2], [3, 4, 5], 3), ([1, 2, 3, 4], [1, 4], 2)])
+def test_token_difference_on_hand_examples(a, b, diff):
+    assert prefs.token_difference(a, b) == diff
+
+
+class CharTokenizer:
+    """One token per character: token counts are character counts."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_near_identical_pairs_are_dropped():
+    def pair(c, r):
+        return {"prompt": "p", "chosen": c, "rejected": r}
+
+    kept, dropped = prefs.drop_near_identical([pair("abc", "abd"), pair("abc", "xyz"), pair("abc", "abcd")],
+                                              CharTokenizer(), min_tokens=2)
+    assert [p["rejected"] for p in kept] == ["xyz"] and [p["rejected"] for p in dropped] == ["abd", "abcd"]
+
+
+def test_acceptance_gate_rejects_only_a_significantly_worse_adapter():
+    from scipy import stats
+
+    sft, worse = [1] * 20 + [0] * 80, [0] * 18 + [1] * 2 + [1] * 2 + [0] * 78   # SFT alone right 18x, tuned alone 2x
+    gate = prefs.acceptance_gate(sft, worse)
+    assert gate["kept"] == "sft" and (gate["sft_only"], gate["tuned_only"]) == (18, 2)
+    assert math.isclose(gate["p_value"], stats.binomtest(18, 20, 0.5).pvalue)   # the independent oracle
+    assert prefs.acceptance_gate(sft, [0] * 4 + [1] * 16 + [1] * 3 + [0] * 77)["kept"] == "tuned"   # 4 vs 3: noise
+    assert prefs.acceptance_gate(worse, sft)["kept"] == "tuned"                  # significantly better is kept

@@ -164,3 +164,163 @@ def test_a_smoke_run_lands_in_the_smoke_folder():
 
     assert run_notebooks.is_smoke(["-p", "SMOKE", "True"]) and run_notebooks.is_smoke(["-y", "SMOKE: true"])
     assert not run_notebooks.is_smoke(["-p", "MAX_STEPS", "3"]) and not run_notebooks.is_smoke(["-p", "SMOKE", "False"])
+
+
+# ---- reference results: docs/results.json and the block in every numbered notebook's 2nd cell ----------------------
+SFT_METRICS = {"notebook": "04_sft_training", "model": "smollm2-135m", "device": "cpu", "dtype": "float32", "smoke": False,
+               "seed": 0, "seconds": 110.7, "threads": 2, "versions": {}, "profile": "cpu", "steps": 36,
+               "first_loss": 1.594, "final_loss": 0.0171, "seconds_per_step": 2.04,
+               "task_before": {"exact_match": 0.0, "schema_valid": 0.0, "n": 20},
+               "task_after": {"exact_match": 0.65, "schema_valid": 1.0, "n": 20}}
+
+
+def results_setup(tmp_path, monkeypatch, metrics=SFT_METRICS):
+    """A build/ with notebook 04's metrics (dated 2026-03-04), two numbered notebooks, a README to fill."""
+    import json
+
+    import collect_metrics
+
+    monkeypatch.setattr(collect_metrics, "git_commit", lambda root: "abc1234")
+    monkeypatch.setattr(collect_metrics, "cpu_kind", lambda: "Test CPU, AVX-512 BF16, 2 cores")
+    build = tmp_path / "build"
+    (build / "04_sft_training").mkdir(parents=True)
+    (build / "04_sft_training" / "metrics.json").write_text(json.dumps(metrics))
+    os.utime(build / "04_sft_training" / "metrics.json", (1772625600, 1772625600))   # 2026-03-04 12:00 UTC
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    paths = [make_nb(nbs, name="04_sft_training.ipynb"), make_nb(nbs, name="09_new_topic.ipynb")]
+    (tmp_path / "README.md").write_text(f"{collect_metrics.BEGIN}\n{collect_metrics.END}\n")
+    argv = ["--build", str(build), "--readme", str(tmp_path / "README.md"), "--page", str(tmp_path / "results.md"),
+            "--snapshot", str(tmp_path / "docs" / "results.json"), "--notebooks", str(nbs)]
+    return argv, paths
+
+
+def test_make_results_writes_the_snapshot_and_a_block_in_every_notebook(tmp_path, monkeypatch):
+    import json
+
+    from collect_metrics import RESULTS_BEGIN, RESULTS_END, main
+
+    argv, (sft, new) = results_setup(tmp_path, monkeypatch)
+    titles = [nbformat.read(p, 4).cells[0].source for p in (sft, new)]
+    assert main(argv) == 0
+    snap = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert (snap["commit"], snap["machine"], snap["date"]) == ("abc1234", "Test CPU, AVX-512 BF16, 2 cores", "2026-03-04")
+    assert snap["notebooks"]["04_sft_training"]["headline"] == {
+        "held-out exact match": "0 % → 65 % (n = 20)", "schema-valid answers": "0 % → 100 %",
+        "training loss": "1.59 → 0.017 in 36 steps (2.0 s/step)", "run time": "111 s (2 torch threads)"}
+    cells = nbformat.read(sft, 4).cells
+    assert cells[0].source == titles[0] and cells[1].source.startswith(RESULTS_BEGIN) and cells[1].source.endswith(RESULTS_END)
+    assert "- held-out exact match: **0 % → 65 % (n = 20)**" in cells[1].source
+    assert "commit `abc1234`, 2026-03-04" in cells[1].source and "Test CPU, AVX-512 BF16, 2 cores" in cells[1].source
+    assert len(cells) == 6 and [c.cell_type for c in cells[2:]] == ["code"] * 4     # inserted, nothing replaced
+    other = nbformat.read(new, 4).cells
+    assert other[0].source == titles[1] and "none yet" in other[1].source   # not in the run: says so, same place
+    before = [p.read_bytes() for p in (sft, new)]
+    assert main(argv) == 0 and [p.read_bytes() for p in (sft, new)] == before   # a second run changes nothing
+
+
+def test_make_results_updates_a_stale_or_misplaced_block_in_place(tmp_path, monkeypatch):
+    import json
+
+    from collect_metrics import main
+
+    argv, (sft, _) = results_setup(tmp_path, monkeypatch)
+    main(argv)
+    nb = nbformat.read(sft, 4)
+    nb.cells.append(nb.cells.pop(1))                                             # the block wandered to the end
+    nbformat.write(nb, sft)
+    metrics = {**SFT_METRICS, "task_after": {"exact_match": 0.8, "schema_valid": 1.0, "n": 20}}
+    (tmp_path / "build" / "04_sft_training" / "metrics.json").write_text(json.dumps(metrics))
+    main(argv)
+    cells = nbformat.read(sft, 4).cells
+    blocks = [i for i, c in enumerate(cells) if c.source.startswith("<!-- results:begin")]
+    assert blocks == [1] and "0 % → 80 % (n = 20)" in cells[1].source and len(cells) == 6
+
+
+def test_the_gate_checks_the_block_against_the_snapshot(tmp_path, monkeypatch):
+    import json
+
+    from check_notebooks import main as gate
+    from collect_metrics import main
+
+    argv, (sft, new) = results_setup(tmp_path, monkeypatch)
+    snapshot = tmp_path / "docs" / "results.json"
+    assert problems(sft, None) == []                                   # no snapshot yet: blocks are not checked
+    main(argv)
+    snap = json.loads(snapshot.read_text())
+    assert problems(sft, snap) == [] and problems(new, snap) == []
+    assert gate(str(tmp_path / "notebooks"), snapshot) == 0
+    stale = {**snap, "commit": "def5678"}                               # numbers or provenance changed since
+    assert any("differs from docs/results.json" in m for m in problems(sft, stale))
+    nb = nbformat.read(sft, 4)
+    del nb.cells[1]
+    nbformat.write(nb, sft)
+    assert any("no reference-results block" in m for m in problems(sft, snap))
+    assert gate(str(tmp_path / "notebooks"), snapshot) == 1
+    assert gate(str(tmp_path / "notebooks"), tmp_path / "absent.json") == 0   # switched off without a snapshot
+
+
+def test_headlines_fall_back_to_the_run_time_and_cpu_kind_reads_the_flags(tmp_path):
+    from collect_metrics import cpu_kind, headline
+
+    from helpers import env
+
+    assert headline("09_new_topic", {"seconds": 9.6, "threads": 1}) == {"run time": "10 s (1 torch threads)"}
+    assert headline("04_sft_training", {"seconds": 5, "threads": 2}) == {"run time": "5 s (2 torch threads)"}  # keys missing
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test EPYC 9000\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert cpu_kind(info) == f"Test EPYC 9000, AVX-512 BF16, {env.cpu_cores()} cores"
+    info.write_text("processor\t: 0\nmodel name\t: Old Xeon\nflags\t\t: fpu avx2\n")
+    assert cpu_kind(info) == f"Old Xeon, no AVX-512 BF16, {env.cpu_cores()} cores"
+
+
+HEADLINE_CASES = {   # metrics shaped like each notebook's (the figures of README's Measured table) → the headline
+    "02_load_4bit": ({"formats": [{"format": "full", "footprint_mib": 513.2, "perplexity": 32.71},
+                                  {"format": "nf4", "footprint_mib": 165.0, "perplexity": 39.29},
+                                  {"format": "nf4-dq", "footprint_mib": 160.6, "perplexity": 39.4}]},
+                     {"weights in memory, fp32 → nf4-dq": "513 MiB → 161 MiB", "perplexity, fp32 → nf4": "32.7 → 39.3"}),
+    "03_lora_target_modules": ({"max_steps": 8, "heldout_loss_before": 3.866, "runs": [
+        {"set": "qv", "heldout_loss": 1.545}, {"set": "all-linear", "heldout_loss": 0.845},
+        {"set": "blog: embed+head", "heldout_loss": 2.624}]},
+        {"held-out loss after 8 steps, best target set": "all-linear 0.845 (before training: 3.866)",
+         "worst target set": "blog: embed+head 2.624"}),
+    "05_benchmarking": ({"task": {"n": 30, "base": {"exact match": {"rate": 0.0, "ci": [0.0, 0.114]}},
+                                  "tuned": {"exact match": {"rate": 0.633, "ci": [0.455, 0.781]}},
+                                  "paired_exact_match": {"p_value": 3.8e-6}},
+                         "loss": {"base": {"general_text": {"perplexity": 38.31}},
+                                  "tuned": {"general_text": {"perplexity": 41.96}}}},
+                        {"task exact match, base → fine-tuned": "0.00 [0.00, 0.11] → 0.63 [0.46, 0.78] (n = 30, McNemar "
+                                                                "p = 3.8e-06)",
+                         "general-text perplexity (forgetting)": "38.3 → 42.0"}),
+    "06_scaling_out": ({"two_processes": {"max_loss_diff": 0.0}, "kill_resume": {"max_loss_diff": 2.5e-7}},
+                       {"2 processes vs 1: max Δ loss": "0.0e+00", "kill -9 then resume vs uninterrupted: max Δ loss": "2.5e-07"}),
+    "07_preference_tuning": ({"verdict": "hurt", "gate": {"kept": "sft"}, "general_text_perplexity": {"before": 41.96, "after": 44.71},
+                              "task": {"n": 30, "before": {"exact_match": {"rate": 0.633, "ci": [0.455, 0.781]}},
+                                       "after": {"exact_match": {"rate": 0.2, "ci": [0.095, 0.373]}},
+                                       "paired_exact_match": {"p_value": 0.0153}}},
+                             {"held-out exact match, SFT → DPO": "0.63 [0.46, 0.78] → 0.20 [0.10, 0.37] (n = 30, McNemar "
+                                                                 "p = 0.015)",
+                              "general-text perplexity": "42.0 → 44.7",
+                              "verdict, acceptance gate": "hurt; the gate keeps the SFT adapter"}),
+    "09_export_gguf": ({"bar": {"q4_k_m_decode_speedup": 6.1}, "side_by_side": {
+        "transformers fp32": {"size MB": 538.2, "decode tok/s": 24.14, "exact match": 0.6875},
+        "GGUF Q4_K_M": {"size MB": 105.4, "decode tok/s": 147.1, "exact match": 0.6875}}},
+        {"GGUF Q4_K_M (llama.cpp)": "105 MB, 147.1 tok/s decode, exact match 0.69",
+         "transformers fp32": "538 MB, 24.1 tok/s decode, exact match 0.69", "Q4_K_M decode speed-up over fp32": "×6.1"}),
+}
+
+
+@pytest.mark.parametrize("stem", sorted(HEADLINE_CASES))
+def test_each_notebooks_headline_figures(stem):
+    from collect_metrics import headline
+
+    metrics, want = HEADLINE_CASES[stem]
+    assert headline(stem, {**metrics, "seconds": 60.2, "threads": 2}) == {**want, "run time": "60 s (2 torch threads)"}
+
+
+def test_every_headline_topic_names_a_notebook():
+    """A renamed notebook would silently lose its figures: each HEADLINES topic must match a notebook's name."""
+    from collect_metrics import HEADLINES
+
+    topics = {p.stem[3:] for p in (Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    assert set(HEADLINES) <= topics, set(HEADLINES) - topics
