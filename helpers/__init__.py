@@ -5,4 +5,4 @@ Import the modules you need, e.g. ``from helpers import env, models``; nothing h
 """
 
 __all__ = ["env", "roles", "plots", "compat", "quant", "models", "arch", "lora", "memory", "data", "bench", "evals", "train",
-           "launch", "prefs", "gguf_file", "export", "llamacpp", "ollama"]
+           "launch", "prefs", "rewards", "gguf_file", "export", "llamacpp", "ollama"]

@@ -162,6 +162,18 @@ def row_07(m: dict) -> str:
     return text
 
 
+def row_08(m: dict) -> str:
+    x = m["08_grpo"]
+    c, g, st = x["comparison"], x["grpo"], x["settings"]
+    methods = " · ".join(f"{name} {ci(r['exact_match'])} (schema-valid {r['schema_valid']['rate']:.2f}, perplexity "
+                         f"{r['general_text_perplexity']:.1f}, {r['train_seconds']:.0f} s)"
+                         for name, r in c["methods"].items() if r)
+    pairs = "; ".join(f"{p['a']} vs {p['b']}: p = {p['p_value']:.2g} ({p['verdict']})" for p in c["pairwise_exact_match"])
+    return (f"{x['profile']} profile, GRPO {g['steps']} steps ({st['num_generations']} answers per prompt, β {st['beta']}, "
+            f"lr {st['learning_rate']:g}, reward = parses + schema + fields + only JSON); held-out exact match on the same "
+            f"{c['methods']['SFT']['exact_match']['n']} requests: {methods}; McNemar {pairs}; GRPO verdict: {x['verdict']}")
+
+
 def row_09(m: dict) -> str:
     x = m["09_export_gguf"]
     forms = " · ".join(f"{n} {r['size MB']:.0f} MB {r['decode tok/s']:.1f} tok/s EM {r['exact match']:.2f}"
@@ -184,6 +196,7 @@ ROWS: list[tuple[str, Callable[[dict], str]]] = [
     ("05: threads change speed, not results", row_05_threads),
     ("06: scaling out", row_06),
     ("07: DPO after SFT (default CPU profile)", row_07),
+    ("08: SFT vs SFT + DPO vs SFT + GRPO, same held-out items", row_08),
     ("09: fine-tune as GGUF (llama.cpp) vs transformers", row_09),
 ]
 
@@ -313,6 +326,14 @@ def headline_dpo(x: dict) -> list[tuple[str, str]]:
                                          f"{'DPO' if x['gate']['kept'] == 'tuned' else 'SFT'} adapter")]
 
 
+def headline_grpo(x: dict) -> list[tuple[str, str]]:
+    """08: exact match of SFT, SFT + DPO and SFT + GRPO on the same items, and the computed verdict."""
+    ms = x["comparison"]["methods"]
+    return [("held-out exact match, SFT · +DPO · +GRPO", " · ".join(ci(r["exact_match"]) if r else "not run"
+                                                                    for r in ms.values()) + f" (n = {ms['SFT']['exact_match']['n']})"),
+            ("GRPO verdict", str(x["verdict"]))]
+
+
 def headline_gguf(x: dict) -> list[tuple[str, str]]:
     """The GGUF export: Q4_K_M vs transformers fp32 (size, decode speed, exact match)."""
     rows = x["side_by_side"]
@@ -327,7 +348,8 @@ def headline_gguf(x: dict) -> list[tuple[str, str]]:
 HEADLINES: dict[str, Headline] = {
     "setup": headline_setup, "slm_background": headline_background, "load_4bit": headline_load_4bit,
     "lora_target_modules": headline_lora_targets, "sft_training": headline_sft, "benchmarking": headline_benchmarking,
-    "scaling_out": headline_scaling, "preference_tuning": headline_dpo, "export_gguf": headline_gguf,
+    "scaling_out": headline_scaling, "preference_tuning": headline_dpo, "grpo": headline_grpo,
+    "export_gguf": headline_gguf,
 }
 
 
