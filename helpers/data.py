@@ -436,6 +436,14 @@ def schema_problems(obj) -> list[str]:
     return out
 
 
+def item_outcomes(outputs: Sequence[str], answers: Sequence[str]) -> dict[str, list[int]]:
+    """0/1 per item, for paired tests: exact match (the parsed answer equals the record's) and schema validity."""
+    parsed = [parse_prediction(o) for o in outputs]
+    gold = [json.loads(a) for a in answers]
+    return {"em": [int(p is not None and p == g) for p, g in zip(parsed, gold, strict=True)],
+            "valid": [int(not schema_problems(p)) for p in parsed]}
+
+
 def score_predictions(preds: Sequence[str | Mapping | None], targets: Sequence[str | Mapping]) -> dict:
     """Exact match per field, schema validity and whole-record exact match, as fractions of the n examples."""
     if len(preds) != len(targets):

@@ -367,6 +367,17 @@ def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
             "diff": (b_only - a_only) / len(a) if len(a) else 0.0, "p_value": p}
 
 
+
+def paired_verdict(a_right: Sequence[int], b_right: Sequence[int], alpha: float = 0.05) -> dict:
+    """B against A on the same items, from McNemar's exact test and the sign of the difference: "better" or
+    "worse" only where p < `alpha`, else "no significant difference"; with the test's counts."""
+    test = mcnemar_exact(a_right, b_right)
+    if test["p_value"] < alpha and test["b_only"] != test["a_only"]:
+        word = "better" if test["b_only"] > test["a_only"] else "worse"
+    else:
+        word = "no significant difference"
+    return {"verdict": word, **test}
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 2000, level: float = 0.95,
                      seed: int = 0) -> dict:
     """Mean of b - a over paired items, its percentile bootstrap interval, and a two-sided bootstrap p-value."""

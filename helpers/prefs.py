@@ -175,9 +175,8 @@ def drop_near_identical(pairs: Sequence[Mapping], tokenizer, min_tokens: int = 2
 def acceptance_gate(sft_right: Sequence[int], tuned_right: Sequence[int], alpha: float = 0.05) -> dict:
     """Keep the tuned adapter unless it is significantly worse than SFT on the same items (McNemar's exact test,
     two-sided at `alpha`, and fewer right answers): {"kept": "tuned" | "sft", "p_value", "sft_only", "tuned_only"}."""
-    test = evals.mcnemar_exact(sft_right, tuned_right)
-    worse = test["p_value"] < alpha and test["a_only"] > test["b_only"]
-    return {"kept": "sft" if worse else "tuned", "p_value": test["p_value"], "sft_only": test["a_only"],
+    test = evals.paired_verdict(sft_right, tuned_right, alpha)
+    return {"kept": "sft" if test["verdict"] == "worse" else "tuned", "p_value": test["p_value"], "sft_only": test["a_only"],
             "tuned_only": test["b_only"], "alpha": alpha, "n": len(sft_right)}
 
 

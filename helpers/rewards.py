@@ -116,14 +116,6 @@ def grpo_history(log_history: Sequence[Mapping], parts: Sequence[str] = ()) -> d
 # ------------------------------------------------------------------------------------------- the comparison
 
 
-def per_item(outputs: Sequence[str], answers: Sequence[str]) -> dict[str, list[int]]:
-    """0/1 per held-out item: exact match (the parsed answer equals the record's) and schema validity."""
-    parsed = [data.parse_prediction(o) for o in outputs]
-    gold = [json.loads(a) for a in answers]
-    return {"em": [int(p is not None and p == g) for p, g in zip(parsed, gold, strict=True)],
-            "valid": [int(not data.schema_problems(p)) for p in parsed]}
-
-
 def load_dpo_run(path: str | Path, n: int, newer_than: float | None = None) -> dict:
     """Notebook 07's results for the comparison, read tolerantly: {"status": "ok", per-item outcomes, perplexity,
     seconds, gate} or {"status": "not run" | "stale" | "other items", "why": ...} when its metrics file is missing,
@@ -150,19 +142,8 @@ def load_dpo_run(path: str | Path, n: int, newer_than: float | None = None) -> d
             "train_seconds": seconds, "gate": m.get("gate"), "smoke": m.get("smoke"), "model": m.get("model")}
 
 
-def verdict(a_right: Sequence[int], b_right: Sequence[int], alpha: float = 0.05) -> dict:
-    """B against A on the same items, from McNemar's exact test and the sign of the difference: "better" or
-    "worse" only where p < `alpha`, else "no significant difference"; with the test's counts."""
-    test = evals.mcnemar_exact(a_right, b_right)
-    if test["p_value"] < alpha and test["b_only"] != test["a_only"]:
-        word = "better" if test["b_only"] > test["a_only"] else "worse"
-    else:
-        word = "no significant difference"
-    return {"verdict": word, **test}
-
-
 def pairwise(outcomes: Mapping[str, Sequence[int]], alpha: float = 0.05) -> list[dict]:
-    """Every pair of methods (in the given order, B after A) compared with `verdict`: one row per pair."""
+    """Every pair of methods (in the given order, B after A) compared with `evals.paired_verdict`: one row per pair."""
     names = list(outcomes)
-    return [{"a": a, "b": b, **verdict(outcomes[a], outcomes[b], alpha)}
+    return [{"a": a, "b": b, **evals.paired_verdict(outcomes[a], outcomes[b], alpha)}
             for i, a in enumerate(names) for b in names[i + 1:]]

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from helpers import data, env, prefs, rewards
+from helpers import data, env, evals, prefs, rewards
 
 GOLD = '{"action":"set","device":"light","room":"kitchen","value":50,"time":"07:30"}'
 NULLS = '{"action":"on","device":"fan","room":"office","value":null,"time":null}'
@@ -84,8 +84,8 @@ def test_full_fields_and_schema_is_exactly_the_scorers_exact_match():
         exact = data.score_predictions([c], [a])["exact_match"]
         assert (parts["fields_equal"][i] == 1.0 and parts["fits_schema"][i] == 1.0) == (exact == 1.0), c
         assert parts["parses"][i] == data.score_predictions([c], [a])["parsed"]
-    assert rewards.per_item(comps, answers)["em"] == [int(data.score_predictions([c], [a])["exact_match"])
-                                                      for c, a in zip(comps, answers, strict=True)]
+    assert data.item_outcomes(comps, answers)["em"] == [int(data.score_predictions([c], [a])["exact_match"])
+                                                         for c, a in zip(comps, answers, strict=True)]
 
 
 def test_group_stats_against_numpy():
@@ -143,12 +143,12 @@ def test_verdicts_from_p_value_and_sign():
 
     a = [1] * 20 + [0] * 80
     b = [0] * 18 + [1] * 2 + [1] * 2 + [0] * 78          # A alone right 18×, B alone 2×
-    v = rewards.verdict(a, b)
+    v = evals.paired_verdict(a, b)
     assert v["verdict"] == "worse" and (v["a_only"], v["b_only"]) == (18, 2)
     assert math.isclose(v["p_value"], stats.binomtest(18, 20, 0.5).pvalue)      # the independent oracle
-    assert rewards.verdict(b, a)["verdict"] == "better"
-    assert rewards.verdict(a, [0] * 4 + [1] * 16 + [1] * 3 + [0] * 77)["verdict"] == "no significant difference"
-    assert rewards.verdict(a, a)["verdict"] == "no significant difference"
+    assert evals.paired_verdict(b, a)["verdict"] == "better"
+    assert evals.paired_verdict(a, [0] * 4 + [1] * 16 + [1] * 3 + [0] * 77)["verdict"] == "no significant difference"
+    assert evals.paired_verdict(a, a)["verdict"] == "no significant difference"
     rows = rewards.pairwise({"SFT": a, "DPO": b, "GRPO": a})
     assert [(r["a"], r["b"], r["verdict"]) for r in rows] == [("SFT", "DPO", "worse"), ("SFT", "GRPO", "no significant difference"),
                                                               ("DPO", "GRPO", "better")]
