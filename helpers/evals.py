@@ -23,6 +23,7 @@ and :func:`lm_eval_mc`, which runs the real lm-eval on the same items for a cros
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -516,3 +517,36 @@ def evaluate_task(model, tokenizer, records: Sequence[Mapping], max_new_tokens: 
     else:
         outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return {"outputs": outputs, "scores": data.score_predictions(outputs, [a for _, a in pairs])}
+
+
+def answers_key(adapter_dir: str | Path, prompts: Sequence[str], **settings) -> str:
+    """sha256 of the adapter's weight file, the formatted prompts and the generation settings (equal key: equal greedy answers)."""
+    found = [p for p in (Path(adapter_dir) / n for n in ("adapter_model.safetensors", "adapter_model.bin")) if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"no adapter_model.safetensors in {adapter_dir}: answers_key fingerprints a saved LoRA "
+                                "adapter folder (what save_pretrained writes)")
+    weights = found[0]
+    digest = hashlib.sha256(weights.read_bytes())
+    digest.update(json.dumps({"prompts": list(prompts), "settings": settings}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def save_answers(path: str | Path, key: str, outputs: Sequence[str]) -> Path:
+    """Write greedy answers with the answers_key they belong to (JSON), for another notebook to reuse."""
+    path = Path(path)
+    path.write_text(json.dumps({"key": key, "outputs": list(outputs)}, indent=1, ensure_ascii=False))
+    return path
+
+
+def load_answers(path: str | Path, key: str) -> list[str] | None:
+    """The answers saved at `path` under exactly `key`; None when there is no file or it was written for another key."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        stored_key, outputs = saved["key"], saved["outputs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a file save_answers wrote ({err!r}): delete it, or run the notebook that "
+                         "writes it again") from None
+    return list(outputs) if stored_key == key else None

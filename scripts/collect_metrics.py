@@ -166,7 +166,8 @@ def row_08(m: dict) -> str:
     x = m["08_grpo"]
     c, g, st = x["comparison"], x["grpo"], x["settings"]
     methods = " · ".join(f"{name} {ci(r['exact_match'])} (schema-valid {r['schema_valid']['rate']:.2f}, perplexity "
-                         f"{r['general_text_perplexity']:.1f}, {r['train_seconds']:.0f} s)"
+                         f"{r['general_text_perplexity']:.1f}, "
+                         + ("training time unknown)" if r["train_seconds"] is None else f"{r['train_seconds']:.0f} s)")
                          for name, r in c["methods"].items() if r)
     pairs = "; ".join(f"{p['a']} vs {p['b']}: p = {p['p_value']:.2g} ({p['verdict']})" for p in c["pairwise_exact_match"])
     return (f"{x['profile']} profile, GRPO {g['steps']} steps ({st['num_generations']} answers per prompt, β {st['beta']}, "

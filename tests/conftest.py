@@ -1,5 +1,5 @@
 """Test-wide settings (never contact a model hub; keep outputs under build/), the shared tiny-Phi fixtures, and
-the session's notebook smoke runs (each notebook at most once; 05, 07 and 08 get this session's 04 adapter)."""
+the session's notebook smoke runs (each notebook at most once; 05, 07, 08 and 09 get this session's 04 adapter)."""
 
 import json
 import os
@@ -118,7 +118,7 @@ LANES = Lanes()
 class SmokeRuns:
     """Each notebook's papermill smoke run (SMOKE=True, offline) into build/smoke/, at most once per session.
 
-    A notebook that reads another's output — 05, 07 and 08 declare "ADAPTER_DIR": "adapter:04_sft_training" in
+    A notebook that reads another's output — 05, 07, 08 and 09 declare "ADAPTER_DIR": "adapter:04_sft_training" in
     their recipe_inputs — is given that notebook's output from this session's run, by path: never a folder an
     earlier session left behind, and a failed 04 fails them with a message instead of skipping.
     """

@@ -529,3 +529,23 @@ def test_generate_restores_tokenizer_and_scores(tiny):
     # batched (left-padded) generation gives the same text as one prompt at a time
     prompts = [data.format_prompt(data.split_record(r)[0], tok) for r in recs]
     assert evals.generate(model, tok, prompts, 4, batch_size=1) == evals.generate(model, tok, prompts, 4, batch_size=3)
+
+
+def test_saved_answers_are_reused_only_for_the_same_adapter_prompts_and_settings(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00weights-a")
+    prompts, settings = ["<|user|>turn on the lamp", "<|user|>dim the hall"], {"max_new_tokens": 32, "batch_size": 50}
+    key = evals.answers_key(adapter, prompts, **settings)
+    path = evals.save_answers(tmp_path / "answers.json", key, ['{"a": 1}', "ünïcode"])
+    assert evals.load_answers(path, evals.answers_key(adapter, list(prompts), **settings)) == ['{"a": 1}', "ünïcode"]
+    assert evals.load_answers(tmp_path / "none.json", key) is None                        # nothing saved
+    assert evals.load_answers(path, evals.answers_key(adapter, prompts[::-1], **settings)) is None   # other prompts
+    assert evals.load_answers(path, evals.answers_key(adapter, prompts, max_new_tokens=48, batch_size=50)) is None
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00weights-b")                # retrained: other weights
+    assert evals.load_answers(path, evals.answers_key(adapter, prompts, **settings)) is None
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a file save_answers wrote"):
+        evals.load_answers(path, key)
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        evals.answers_key(tmp_path, prompts)

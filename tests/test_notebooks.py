@@ -3,7 +3,7 @@
 New notebooks are picked up automatically. Each declares in its metadata the artefacts it must write under
 its output folder and a timeout: "slm_course": {"artefacts": [...], "timeout": seconds}.
 Executed copies land in build/smoke/<stem>/ for inspection. Each notebook runs once per session (conftest.py's
-`smoke_runs`); 05, 07 and 08 are given the adapter this session's 04 run wrote. The selected runs are all queued
+`smoke_runs`); 05, 07, 08 and 09 are given the adapter this session's 04 run wrote. The selected runs are all queued
 when this module starts and run two at a time, one core each (conftest.py's `Lanes`); the tests wait for theirs.
 """
 
