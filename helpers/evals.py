@@ -368,7 +368,6 @@ def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> dict:
             "diff": (b_only - a_only) / len(a) if len(a) else 0.0, "p_value": p}
 
 
-
 def paired_verdict(a_right: Sequence[int], b_right: Sequence[int], alpha: float = 0.05) -> dict:
     """B against A on the same items, from McNemar's exact test and the sign of the difference: "better" or
     "worse" only where p < `alpha`, else "no significant difference"; with the test's counts."""
@@ -378,6 +377,7 @@ def paired_verdict(a_right: Sequence[int], b_right: Sequence[int], alpha: float 
     else:
         word = "no significant difference"
     return {"verdict": word, **test}
+
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 2000, level: float = 0.95,
                      seed: int = 0) -> dict:
